@@ -1,0 +1,225 @@
+"""HF checkpoint directories in and out, streamed shard by shard.
+
+`from_pretrained` builds the HF model on the meta device, installs empty TE-layout layers
+on the target device, then reads safetensors one tensor at a time and converts each decoder
+layer as soon as it is complete: no full copy of the model exists on the host.
+`save_pretrained` writes plain HF layout (config + safetensors, sharded above a size) into
+a temporary directory and renames it into place, so a crash never leaves a half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from .convert import conversion_of, decoder_layers, install_layers, load_layer_weights
+from .errors import CheckpointError, WeightMappingError
+from .mapping import LAYER_PREFIX, split_layer_key, stream_hf_to_te, te_layer_to_hf
+from .spec import ArchitectureSpec
+
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+DEFAULT_SHARD_BYTES = 5 * 1024**3
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of an HF checkpoint directory, or a CheckpointError saying why not."""
+    if not path.is_dir():
+        raise CheckpointError(f"{path} is not a directory; pass an HF checkpoint directory (config.json + *.safetensors)")
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path} is not an HF checkpoint: config.json is missing")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from exc
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise CheckpointError(f"{path}: shards named in {INDEX_FILE} are missing: {absent}")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    if any(path.glob("*.bin")):
+        raise CheckpointError(
+            f"{path} holds PyTorch .bin weights only; re-save it as safetensors "
+            "(transformers: model.save_pretrained(dir, safe_serialization=True))"
+        )
+    raise CheckpointError(f"{path} has config.json but no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
+    for file in files:
+        with safe_open(str(file), framework="pt", device="cpu") as handle:
+            for name in handle.keys():
+                yield name, handle.get_tensor(name)
+
+
+def _set_tensor(model: nn.Module, name: str, tensor: torch.Tensor, device, dtype) -> None:
+    """Materialize one non-layer parameter (embeddings, final norm, lm_head) from the checkpoint."""
+    module_name, _, attr = name.rpartition(".")
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        module = None
+    current = getattr(module, attr, None) if module is not None else None
+    if not isinstance(current, nn.Parameter):
+        raise WeightMappingError(f"{name}: unexpected tensor; this model has no such parameter")
+    if tuple(current.shape) != tuple(tensor.shape):
+        raise WeightMappingError(
+            f"{name}: shape {tuple(tensor.shape)} in the checkpoint, {tuple(current.shape)} expected from the config"
+        )
+    setattr(module, attr, nn.Parameter(tensor.to(device=device, dtype=dtype), requires_grad=current.requires_grad))
+
+
+def _default_device(backend: str) -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if backend == "te" else torch.device("cpu")
+
+
+def from_pretrained(path: str | os.PathLike, backend: str = "reference", torch_dtype: torch.dtype | None = None,
+                    fuse_qkv: bool = False, device: torch.device | str | None = None) -> Any:
+    """Load a local HF checkpoint (single or sharded safetensors) straight into a converted model."""
+    path = Path(path)
+    files = checkpoint_files(path)
+    config = AutoConfig.from_pretrained(path)
+    spec = ArchitectureSpec.from_hf_config(config)
+    dtype = torch_dtype or getattr(config, "dtype", None) or torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    device = torch.device(device) if device is not None else _default_device(backend)
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    install_layers(model, backend, fuse_qkv, device=device, dtype=dtype)
+    layers = decoder_layers(model)
+    loaded_layers: set[int] = set()
+    for index, tensors in stream_hf_to_te(_read_tensors(files), spec, fuse_qkv):
+        if index is None:
+            for name, tensor in tensors.items():
+                _set_tensor(model, name, tensor, device, dtype)
+            continue
+        typed = {k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}
+        load_layer_weights(layers[index], typed, spec, fuse_qkv, where=f"{LAYER_PREFIX}{index}.")
+        loaded_layers.add(index)
+
+    missing_layers = sorted(set(range(spec.num_layers)) - loaded_layers)
+    if missing_layers:
+        raise WeightMappingError(f"{path}: no weights for decoder layers {missing_layers}")
+    if spec.tie_word_embeddings:
+        model.tie_weights()
+    _rebuild_rotary(model, config, device)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
+    if still_meta:
+        raise WeightMappingError(f"{path}: the checkpoint has no values for {still_meta}")
+    return model.eval()
+
+
+def _rebuild_rotary(model: nn.Module, config: Any, device: torch.device) -> None:
+    """HF's rotary module holds a non-persistent buffer made at init: recreate it off the meta device."""
+    base = getattr(model, "model", model)
+    rotary = getattr(base, "rotary_emb", None)
+    if rotary is not None:
+        base.rotary_emb = type(rotary)(config=config).to(device)
+
+
+def hf_state_dict_by_layer(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The converted model's weights in HF names, produced one decoder layer at a time."""
+    info = conversion_of(model)
+    layers = decoder_layers(model)
+    for name, tensor in model.state_dict().items():
+        if split_layer_key(name) is None and not name.endswith("_extra_state"):
+            if info.spec.tie_word_embeddings and name == "lm_head.weight":
+                continue  # HF stores tied weights once
+            yield name, tensor
+    for index, layer in enumerate(layers):
+        prefix = f"{LAYER_PREFIX}{index}."
+        for local, tensor in te_layer_to_hf(layer.state_dict(), info.spec, info.fuse_qkv, where=prefix).items():
+            yield prefix + local, tensor
+
+
+def _export_config(model: nn.Module, dtype: torch.dtype):
+    info = conversion_of(model)
+    config = model.config.__class__.from_dict(model.config.to_dict())
+    config.use_cache = info.use_cache
+    config.architectures = [type(model).__name__]
+    config.dtype = dtype
+    return config
+
+
+def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write an HF-layout checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads.
+
+    Written to a temporary sibling directory and renamed into place; an existing checkpoint
+    at `path` is replaced only once the new one is complete.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        weight_map, total_bytes, dtype = _write_shards(model, staging, max_shard_bytes)
+        _export_config(model, dtype).save_pretrained(staging)
+        generation_config = getattr(model, "generation_config", None)
+        if generation_config is not None:
+            generation_config.save_pretrained(staging)
+        if len(set(weight_map.values())) > 1:
+            index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+            (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+        replace_directory(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return path
+
+
+def _write_shards(model: nn.Module, staging: Path, max_shard_bytes: int) -> tuple[dict[str, str], int, torch.dtype]:
+    """Stream HF tensors into safetensors files of at most `max_shard_bytes` (one shard in memory)."""
+    current: dict[str, torch.Tensor] = {}
+    current_bytes, total, dtype = 0, 0, None
+    written: list[Path] = []
+    shard_of: dict[str, int] = {}
+
+    def flush() -> None:
+        name = staging / f"shard-{len(written):05d}.safetensors"
+        save_file(current, str(name), metadata={"format": "pt"})
+        written.append(name)
+
+    for name, tensor in hf_state_dict_by_layer(model):
+        size = tensor.numel() * tensor.element_size()
+        if current and current_bytes + size > max_shard_bytes:
+            flush()
+            current, current_bytes = {}, 0
+        dtype = dtype or tensor.dtype
+        current[name] = tensor.detach().to("cpu", copy=True).contiguous()  # own storage, as safetensors needs
+        shard_of[name] = len(written)
+        current_bytes += size
+        total += size
+    flush()
+    count = len(written)
+    final = [SINGLE_FILE] if count == 1 else [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
+    for temp, name in zip(written, final):
+        temp.rename(staging / name)
+    return {name: final[i] for name, i in shard_of.items()}, total, dtype or torch.float32
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move a finished directory to `target`; the old one is removed only after the swap."""
+    backup = None
+    if target.exists():
+        backup = target.with_name(f".{target.name}.old-{os.getpid()}")
+        shutil.rmtree(backup, ignore_errors=True)
+        target.rename(backup)
+    staging.rename(target)
+    if backup is not None:
+        shutil.rmtree(backup, ignore_errors=True)

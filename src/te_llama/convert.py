@@ -1,0 +1,116 @@
+"""Swap the decoder layers of an HF `*ForCausalLM` for TE-layout layers, by instance.
+
+The HF model object stays what the user has (embeddings, final norm, lm_head, loss,
+`generate`, accelerate hooks); only `model.model.layers[i]` change, one at a time, so the
+peak memory is the model plus one layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import WeightMappingError
+from .layers import BACKENDS, TOKEN_MULTIPLE, build_decoder_layer, require_te
+from .layers.hf_adapter import ModelContext
+from .mapping import hf_layer_to_te, te_zero_biases
+from .spec import ArchitectureSpec
+
+CONVERSION_ATTR = "te_llama_conversion"
+
+
+@dataclass(frozen=True)
+class Conversion:
+    """Recorded on the converted model so `save_pretrained` can map its weights back."""
+
+    spec: ArchitectureSpec
+    backend: str
+    fuse_qkv: bool
+    use_cache: bool
+    """The config's original `use_cache`, restored in exported checkpoints."""
+
+
+def conversion_of(model: nn.Module) -> Conversion:
+    info = getattr(model, CONVERSION_ATTR, None)
+    if info is None:
+        raise ValueError("this model was not converted by te_llama.convert / te_llama.from_pretrained")
+    return info
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """`model.model.layers` of a Llama-family *ForCausalLM (or the layers of a bare *Model)."""
+    base = getattr(model, "model", model)
+    layers = getattr(base, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise TypeError(f"{type(model).__name__} has no `model.layers`; expected a Llama-family *ForCausalLM")
+    return layers
+
+
+def load_layer_weights(layer: nn.Module, tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec,
+                       fuse_qkv: bool, where: str = "") -> None:
+    """Copy TE-layout tensors into a layer's parameters, strictly; freeze TE-only zero biases."""
+    params = dict(layer.named_parameters())
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(set(tensors) - set(params))
+    if missing or unexpected:
+        raise WeightMappingError(f"{where}: missing {missing or 'none'}, unexpected {unexpected or 'none'}")
+    with torch.no_grad():
+        for name, param in params.items():
+            source = tensors[name]
+            if source.shape != param.shape:
+                raise WeightMappingError(
+                    f"{where}{name}: shape {tuple(source.shape)} given, layer has {tuple(param.shape)}"
+                )
+            param.copy_(source)
+    for name in te_zero_biases(spec, fuse_qkv):
+        params[name].requires_grad_(False)
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
+    if backend == "te":
+        require_te()
+
+
+def install_layers(model: nn.Module, backend: str, fuse_qkv: bool,
+                   source_tensors=None, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> nn.Module:
+    """Replace every decoder layer; fill it from `source_tensors(i)` (TE layout) when given.
+
+    Without `device`/`dtype`, each new layer takes those of the layer it replaces.
+    """
+    _check_backend(backend)
+    spec = ArchitectureSpec.from_hf_config(model.config)
+    layers = decoder_layers(model)
+    if len(layers) != spec.num_layers:
+        raise ValueError(f"model has {len(layers)} layers, config says {spec.num_layers}")
+    context = ModelContext(model.config, spec, TOKEN_MULTIPLE[backend])
+    for index, old in enumerate(layers):
+        reference = next(old.parameters())
+        new = build_decoder_layer(backend, spec, index, fuse_qkv, device or reference.device,
+                                  dtype or reference.dtype, context)
+        if source_tensors is not None:
+            load_layer_weights(new, source_tensors(index, old), spec, fuse_qkv, where=f"model.layers.{index}.")
+        layers[index] = new
+        del old
+    setattr(model, CONVERSION_ATTR, Conversion(spec, backend, fuse_qkv, bool(model.config.use_cache)))
+    model.config.use_cache = False  # our layers keep no KV cache
+    return model
+
+
+def convert(hf_model: Any, backend: str = "reference", fuse_qkv: bool = False) -> Any:
+    """Return `hf_model` itself with its decoder layers replaced by `backend` layers, weights copied.
+
+    backend: "reference" (pure PyTorch, any device) or "te" (Transformer Engine, CUDA).
+    fuse_qkv: keep Q/K/V as one TE parameter (TE's `fuse_qkv_params=True`).
+    """
+    spec = ArchitectureSpec.from_hf_config(hf_model.config)
+
+    def from_hf(index: int, old: nn.Module) -> dict[str, torch.Tensor]:
+        return hf_layer_to_te(old.state_dict(), spec, fuse_qkv, where=f"model.layers.{index}.")
+
+    return install_layers(hf_model, backend, fuse_qkv, source_tensors=from_hf)

@@ -1,0 +1,44 @@
+"""Decoder layers with TE's parameter layout: the TE one (GPU) and its pure-PyTorch twin."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..errors import BackendUnavailableError
+from ..spec import ArchitectureSpec
+from .hf_adapter import HFDecoderAdapter, ModelContext
+
+BACKENDS = ("reference", "te")
+# TE's FP8 GEMMs need the token count to be a multiple of 16; the THD layout pads to it.
+TOKEN_MULTIPLE = {"reference": 1, "te": 16}
+
+
+def build_decoder_layer(backend: str, spec: ArchitectureSpec, layer_index: int, fuse_qkv: bool,
+                        device: torch.device | str, dtype: torch.dtype, context: ModelContext) -> HFDecoderAdapter:
+    """A new, uninitialized decoder layer for `backend`, on `device` in `dtype`."""
+    if backend == "reference":
+        from .reference_decoder import ReferenceDecoderLayer
+
+        layer: nn.Module = ReferenceDecoderLayer(spec, fuse_qkv, device=device, dtype=dtype)
+    elif backend == "te":
+        from .te_decoder import build_te_decoder_layer
+
+        layer = build_te_decoder_layer(spec, layer_index, fuse_qkv, device=device, dtype=dtype)
+    else:
+        raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
+    layer.context = context
+    return layer
+
+
+def require_te() -> None:
+    """Raise a clear error when Transformer Engine cannot be used here."""
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+        raise BackendUnavailableError(
+            f"backend='te' needs NVIDIA Transformer Engine with CUDA ({type(exc).__name__}: {exc}); "
+            "install it with `pip install 'te-llama[te]'` on a CUDA machine, or use backend='reference'"
+        ) from exc
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("backend='te' needs a CUDA GPU; none is visible (use backend='reference')")

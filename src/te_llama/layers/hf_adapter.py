@@ -1,0 +1,54 @@
+"""What makes a TE-style layer a drop-in `LlamaDecoderLayer` for transformers 5.
+
+The HF model calls each decoder layer with `(hidden_states (b, s, h), attention_mask,
+position_ids, ...)` and expects one tensor back. `HFDecoderAdapter` packs the batch into
+THD tokens (once per forward, shared through `ModelContext`), runs the TE-style layer's own
+forward, and unpacks. Mixed in first, before `te.TransformerLayer` or the reference layer.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+from ..rope import RotaryAngles
+from ..spec import ArchitectureSpec
+from ..token_layout import LayoutCache
+
+
+class ModelContext:
+    """State shared by all decoder layers of one model: rotary angles and the token layout."""
+
+    def __init__(self, hf_config: Any, spec: ArchitectureSpec, pad_multiple: int = 1) -> None:
+        self.rope = RotaryAngles(hf_config, spec)
+        self.layouts = LayoutCache(pad_multiple)
+
+
+class HFDecoderAdapter(GradientCheckpointingLayer):
+    """HF decoder-layer call signature on top of a THD TransformerLayer forward."""
+
+    context: ModelContext
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values: Any = None,
+                **_: Any) -> torch.Tensor:
+        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+            raise NotImplementedError(
+                "te-llama layers do not keep a KV cache; generate with use_cache=False, or export "
+                "with te_llama.save_pretrained and generate with vanilla transformers or vLLM"
+            )
+        layout = self.context.layouts.get(hidden_states, attention_mask, position_ids)
+        angles = self.context.rope.table(max(layout.max_seqlen, 1), hidden_states.device)
+        tokens = layout.pack(hidden_states)  # (t, h)
+        out = super().forward(
+            tokens,
+            self_attn_mask_type="padding_causal",
+            rotary_pos_emb=angles,
+            cu_seqlens_q=layout.cu_seqlens,
+            cu_seqlens_kv=layout.cu_seqlens,
+            max_seqlen_q=layout.max_seqlen,
+            max_seqlen_kv=layout.max_seqlen,
+        )
+        return layout.unpack(out)  # (b, s, h)

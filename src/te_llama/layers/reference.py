@@ -1,0 +1,112 @@
+"""A pure-PyTorch twin of TE's `TransformerLayer` for Llama-family settings.
+
+Same parameter names and shapes as TE (`self_attention.layernorm_qkv.*`,
+`self_attention.proj.*`, `layernorm_mlp.*`) and the same math in TE's packed THD format:
+RMSNorm, fused or separate QKV (TE's per-group interleaving), rotary embedding restarting
+at each document, causal GQA attention within documents, SwiGLU, residuals. It runs the
+converted model on CPU, and it is the oracle the TE layer is checked against on the GPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..mapping import te_layer_shapes
+from ..spec import ArchitectureSpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm as TE computes it: statistics and scaling in float32, output in the input dtype."""
+    x32 = x.float()
+    normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return (normed * weight.float()).to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    first, second = x.chunk(2, dim=-1)
+    return torch.cat((-second, first), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """x (t, heads, d), angles (t, d) -> x rotated (non-interleaved halves, like HF and TE)."""
+    cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+def positions_in_documents(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor:
+    """Position of every packed token within its own document (restarting at 0)."""
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).long()
+    starts = cu_seqlens[:-1].long().repeat_interleave(lengths)
+    return torch.arange(total, device=cu_seqlens.device) - starts
+
+
+class _ParameterHolder(nn.Module):
+    """A bag of named parameters, so reference names nest exactly as TE's modules do."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], device, dtype) -> None:
+        super().__init__()
+        for name, shape in shapes.items():
+            self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+
+
+class ReferenceTransformerLayer(nn.Module):
+    """TE TransformerLayer's parameters and forward (THD, padding_causal) in plain PyTorch."""
+
+    def __init__(self, spec: ArchitectureSpec, fuse_qkv: bool = False,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        self.spec, self.fuse_qkv = spec, fuse_qkv
+        groups: dict[str, dict[str, tuple[int, ...]]] = {}
+        for name, shape in te_layer_shapes(spec, fuse_qkv).items():
+            module_path, param = name.rsplit(".", 1)
+            groups.setdefault(module_path, {})[param] = shape
+        self.self_attention = nn.Module()
+        self.self_attention.layernorm_qkv = _ParameterHolder(groups["self_attention.layernorm_qkv"], device, dtype)
+        self.self_attention.proj = _ParameterHolder(groups["self_attention.proj"], device, dtype)
+        self.layernorm_mlp = _ParameterHolder(groups["layernorm_mlp"], device, dtype)
+
+    def _qkv_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        spec, p = self.spec, self.self_attention.layernorm_qkv
+        normed = rms_norm(x, p.layer_norm_weight, spec.rms_norm_eps)  # (t, h)
+        if self.fuse_qkv:
+            mixed = F.linear(normed, p.weight, getattr(p, "bias", None))  # (t, g * (r + 2) * d)
+            mixed = mixed.view(-1, spec.num_kv_heads, spec.heads_per_group + 2, spec.head_dim)
+            q, k, v = mixed.split([spec.heads_per_group, 1, 1], dim=2)
+            return (q.reshape(-1, spec.num_heads, spec.head_dim),
+                    k.reshape(-1, spec.num_kv_heads, spec.head_dim),
+                    v.reshape(-1, spec.num_kv_heads, spec.head_dim))
+        q = F.linear(normed, p.query_weight, getattr(p, "query_bias", None))
+        k = F.linear(normed, p.key_weight, getattr(p, "key_bias", None))
+        v = F.linear(normed, p.value_weight, getattr(p, "value_bias", None))
+        return (q.view(-1, spec.num_heads, spec.head_dim), k.view(-1, spec.num_kv_heads, spec.head_dim),
+                v.view(-1, spec.num_kv_heads, spec.head_dim))
+
+    def _attention(self, q, k, v, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        """Causal attention inside each document; q (t, nh, d), k/v (t, ng, d) -> (t, nh * d)."""
+        r = self.spec.heads_per_group
+        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (t, nh, d)
+        out = torch.empty_like(q)
+        bounds = cu_seqlens.tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            if end > start:
+                doc = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (nh, s, d)
+                out[start:end] = F.scaled_dot_product_attention(*doc, is_causal=True).transpose(0, 1)
+        return out.reshape(q.shape[0], -1)
+
+    def forward(self, hidden_states: torch.Tensor, *, rotary_pos_emb: torch.Tensor,
+                cu_seqlens_q: torch.Tensor, **_: object) -> torch.Tensor:
+        """hidden_states (t, h) packed tokens; rotary_pos_emb (s_max, 1, 1, d) angles."""
+        spec = self.spec
+        q, k, v = self._qkv_projection(hidden_states)
+        angles = rotary_pos_emb[positions_in_documents(cu_seqlens_q, hidden_states.shape[0]), 0, 0]  # (t, d)
+        q, k = apply_rotary(q, angles), apply_rotary(k, angles)
+        attn = self._attention(q, k, v, cu_seqlens_q)
+        proj = self.self_attention.proj
+        hidden = hidden_states + F.linear(attn, proj.weight, getattr(proj, "bias", None))
+
+        mlp = self.layernorm_mlp
+        normed = rms_norm(hidden, mlp.layer_norm_weight, spec.rms_norm_eps)
+        gate, up = F.linear(normed, mlp.fc1_weight, getattr(mlp, "fc1_bias", None)).chunk(2, dim=-1)
+        return hidden + F.linear(F.silu(gate) * up, mlp.fc2_weight, getattr(mlp, "fc2_bias", None))

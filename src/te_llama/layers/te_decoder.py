@@ -1,0 +1,38 @@
+"""The Transformer Engine decoder layer (GPU). Imported only when backend='te' is asked for."""
+
+from __future__ import annotations
+
+import torch
+import transformer_engine.pytorch as te
+
+from ..spec import ArchitectureSpec
+from .hf_adapter import HFDecoderAdapter
+
+
+class TEDecoderLayer(HFDecoderAdapter, te.TransformerLayer):
+    """`te.TransformerLayer` called the way transformers calls a `LlamaDecoderLayer`."""
+
+
+def build_te_decoder_layer(spec: ArchitectureSpec, layer_index: int, fuse_qkv: bool,
+                           device: torch.device | str, dtype: torch.dtype) -> TEDecoderLayer:
+    """Everything from the spec, through TE's constructor arguments; no patching."""
+    return TEDecoderLayer(
+        hidden_size=spec.hidden_size,
+        ffn_hidden_size=spec.intermediate_size,
+        num_attention_heads=spec.num_heads,
+        num_gqa_groups=spec.num_kv_heads,
+        kv_channels=spec.head_dim,
+        layernorm_epsilon=spec.rms_norm_eps,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        layer_number=layer_index + 1,
+        self_attn_mask_type="padding_causal",
+        fuse_qkv_params=fuse_qkv,
+        qkv_weight_interleaved=True,
+        bias=spec.layer_bias,
+        activation="swiglu",
+        normalization="RMSNorm",
+        attn_input_format="thd",
+        params_dtype=dtype,
+        device=device,
+    )
