@@ -1,0 +1,105 @@
+"""The converted model (reference backend) against the real HF model on the same weights."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_hf_model
+
+import te_llama
+
+# float32 end to end: the only differences are summation order inside matmuls/attention.
+MAX_RELATIVE_ERROR = 1e-5
+GRAD_RTOL, GRAD_ATOL_FRACTION = 1e-4, 1e-5
+SEQ_LEN = 24  # past max_position_embeddings=16 of the dynamic-rope config
+
+
+def max_relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((out - ref).detach().abs().max() / ref.detach().abs().max())
+
+
+def hf_grads_of(model, converted: bool, spec, fuse_qkv: bool) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return te_llama.te_to_hf(grads, spec, fuse_qkv) if converted else grads
+
+
+def assert_grads_match(got: dict, want: dict) -> None:
+    assert set(got) == set(want), sorted(set(got) ^ set(want))
+    for name, ref in want.items():
+        atol = GRAD_ATOL_FRACTION * float(ref.abs().max())
+        torch.testing.assert_close(got[name], ref, rtol=GRAD_RTOL, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True], ids=["separate-qkv", "fused-qkv"])
+def test_logits_and_grads_match_hf(arch: str, fuse_qkv: bool) -> None:
+    hf = random_hf_model(arch)
+    ours = te_llama.convert(copy.deepcopy(hf), backend="reference", fuse_qkv=fuse_qkv)
+    spec = te_llama.ArchitectureSpec.from_hf_config(hf.config)
+    ids = torch.randint(0, hf.config.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(1))
+
+    ref_out = hf(ids, labels=ids)
+    our_out = ours(ids, labels=ids)
+    assert max_relative_error(our_out.logits, ref_out.logits) <= MAX_RELATIVE_ERROR
+    ref_out.loss.backward()
+    our_out.loss.backward()
+    assert_grads_match(hf_grads_of(ours, True, spec, fuse_qkv), hf_grads_of(hf, False, spec, fuse_qkv))
+
+
+def padding_mask(side: str, pads: list[int], seq: int) -> torch.Tensor:
+    mask = torch.ones(len(pads), seq, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        if pad:
+            mask[row, slice(0, pad) if side == "left" else slice(seq - pad, seq)] = 0
+    return mask
+
+
+@pytest.mark.parametrize("positions", ["from-mask", "hf-default"])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_padded_batch_matches_hf_on_real_tokens(arch: str, side: str, positions: str) -> None:
+    hf = random_hf_model(arch)
+    ours = te_llama.convert(copy.deepcopy(hf), backend="reference", fuse_qkv=True)
+    ids = torch.randint(0, hf.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
+    mask = padding_mask(side, [0, 5, 11], 20)
+    # "from-mask": positions count from each row's first real token (HF generate's convention);
+    # "hf-default": HF's arange, shifted for left padding (RoPE is relative: same attention).
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0) if positions == "from-mask" else None
+    ref = hf(ids, attention_mask=mask, position_ids=position_ids).logits
+    out = ours(ids, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    assert max_relative_error(out[real], ref[real]) <= MAX_RELATIVE_ERROR
+
+
+def test_packed_documents_attend_only_within_themselves(arch: str) -> None:
+    """Two documents packed into one row (position ids restart) == each document run alone."""
+    hf = random_hf_model(arch)
+    ours = te_llama.convert(copy.deepcopy(hf), backend="reference")
+    gen = torch.Generator().manual_seed(3)
+    docs = [torch.randint(0, hf.config.vocab_size, (1, n), generator=gen) for n in (7, 13, 4)]
+    packed = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(d.shape[1]) for d in docs])[None]
+    out = ours(packed, position_ids=position_ids).logits
+    alone = torch.cat([hf(d).logits for d in docs], dim=1)
+    assert max_relative_error(out, alone) <= MAX_RELATIVE_ERROR
+
+
+def test_converted_model_is_the_same_object_with_new_layers() -> None:
+    hf = random_hf_model("llama2-mha")
+    converted = te_llama.convert(hf, backend="reference")
+    assert converted is hf
+    from te_llama.layers.reference_decoder import ReferenceDecoderLayer
+
+    assert all(isinstance(layer, ReferenceDecoderLayer) for layer in converted.model.layers)
+    names = {n for n, _ in converted.named_parameters()}
+    assert "model.layers.0.self_attention.layernorm_qkv.query_weight" in names
+    assert "model.layers.0.layernorm_mlp.fc1_weight" in names
+
+
+def test_te_only_zero_biases_are_frozen() -> None:
+    """Qwen2 has q/k/v biases only; TE's extra proj/fc biases must not train."""
+    model = te_llama.convert(random_hf_model("qwen2-qkv-bias-tied"), backend="reference")
+    params = dict(model.named_parameters())
+    assert not params["model.layers.0.self_attention.proj.bias"].requires_grad
+    assert not params["model.layers.0.layernorm_mlp.fc1_bias"].requires_grad
+    assert params["model.layers.0.self_attention.layernorm_qkv.query_bias"].requires_grad
