@@ -59,3 +59,40 @@ ARCHITECTURES = {
     "llama-odd-mqa-biases-linear-rope": llama_odd_mqa_biases_linear_rope,
     "llama-dynamic-rope": llama_dynamic_rope,
 }
+
+
+def _llama3_rope(original: int) -> dict:
+    return {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": original}
+
+
+# Realistic widths (hidden >= 1024) for the GPU checks against Transformer Engine.
+GPU_ARCHITECTURES = {
+    "llama2-mha": lambda: LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2752,
+                                      num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8,
+                                      max_position_embeddings=512),
+    "llama3.1-gqa-llama3-rope": lambda: LlamaConfig(
+        vocab_size=1024, hidden_size=1024, intermediate_size=3584, num_hidden_layers=2,
+        num_attention_heads=16, num_key_value_heads=4, max_position_embeddings=1024,
+        rope_parameters=_llama3_rope(original=128)),
+    "mistral-gqa": lambda: MistralConfig(vocab_size=1024, hidden_size=1024, intermediate_size=3584,
+                                         num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4,
+                                         sliding_window=None, max_position_embeddings=1024,
+                                         rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    "qwen2-qkv-bias-tied": lambda: Qwen2Config(vocab_size=1024, hidden_size=1152, intermediate_size=3072,
+                                               num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
+                                               tie_word_embeddings=True, max_position_embeddings=1024),
+    "llama-explicit-head-dim": lambda: LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2816,
+                                                   num_hidden_layers=2, num_attention_heads=8,
+                                                   num_key_value_heads=2, head_dim=192,
+                                                   max_position_embeddings=1024),
+    "llama-odd-mqa-biases-linear-rope": lambda: LlamaConfig(
+        vocab_size=1000, hidden_size=1040, intermediate_size=2800, num_hidden_layers=2,
+        num_attention_heads=10, num_key_value_heads=1, attention_bias=True, mlp_bias=True,
+        max_position_embeddings=1024, rope_parameters={"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}),
+    "llama-dynamic-rope": lambda: LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2816,
+                                              num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=4,
+                                              max_position_embeddings=128,
+                                              rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,
+                                                               "factor": 2.0}),
+}

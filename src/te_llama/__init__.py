@@ -14,12 +14,15 @@ from .errors import (
     WeightMappingError,
 )
 from .mapping import hf_to_te, te_to_hf
+from .precision import PRECISIONS, autocast
 from .spec import ArchitectureSpec
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ArchitectureSpec",
+    "PRECISIONS",
+    "autocast",
     "BackendUnavailableError",
     "CheckpointError",
     "TeLlamaError",

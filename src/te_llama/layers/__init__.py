@@ -10,8 +10,8 @@ from ..spec import ArchitectureSpec
 from .hf_adapter import HFDecoderAdapter, ModelContext
 
 BACKENDS = ("reference", "te")
-# TE's FP8 GEMMs need the token count to be a multiple of 16; the THD layout pads to it.
-TOKEN_MULTIPLE = {"reference": 1, "te": 16}
+# TE FP8 GEMMs need the token count to be a multiple of 16 (MXFP8: 32); the THD layout pads to it.
+TOKEN_MULTIPLE = {"reference": 1, "te": 32}
 
 
 def build_decoder_layer(backend: str, spec: ArchitectureSpec, layer_index: int, fuse_qkv: bool,

@@ -1,0 +1,83 @@
+"""Precision is configuration: one name, applied at one autocast site.
+
+`autocast("bf16")` runs the whole model (TE layers and HF's embeddings, norm, lm_head) in
+BF16 through `torch.autocast`; the FP8 names add TE's FP8 autocast with a recipe:
+
+    fp8          our default: delayed scaling, HYBRID format (E4M3 forward, E5M2 gradients)
+    fp8-delayed  TE DelayedScaling (amax history)
+    fp8-current  TE Float8CurrentScaling (per-tensor scale from the current amax)
+    fp8-block    TE Float8BlockScaling (1x128 / 128x128 blocks; Hopper)
+    mxfp8        TE MXFP8BlockScaling (Blackwell and newer)
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from .errors import BackendUnavailableError
+
+PRECISIONS = ("bf16", "fp8", "fp8-delayed", "fp8-current", "fp8-block", "mxfp8")
+FP8_PRECISIONS = PRECISIONS[1:]
+DEFAULT_FP8 = "fp8-delayed"
+
+
+def make_recipe(precision: str) -> Any:
+    """The TE recipe object for an FP8 precision name (TE imported here, only when needed)."""
+    if precision not in FP8_PRECISIONS:
+        raise ValueError(f"precision={precision!r} is unknown; choose one of {PRECISIONS}")
+    from transformer_engine.common import recipe
+
+    name = DEFAULT_FP8 if precision == "fp8" else precision
+    if name == "fp8-delayed":
+        return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=16,
+                                     amax_compute_algo="max")
+    if name == "fp8-current":
+        return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
+    if name == "fp8-block":
+        return recipe.Float8BlockScaling()
+    return recipe.MXFP8BlockScaling()
+
+
+def check_precision_available(precision: str) -> None:
+    """Raise a clear error when `precision` cannot run on this machine."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is unknown; choose one of {PRECISIONS}")
+    if precision == "bf16":
+        return
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(f"precision={precision!r} needs an NVIDIA GPU; none is visible (use 'bf16')")
+    try:
+        import transformer_engine.pytorch as te
+    except Exception as exc:
+        raise BackendUnavailableError(
+            f"precision={precision!r} needs Transformer Engine ({type(exc).__name__}: {exc}); "
+            "install it with `pip install 'te-llama[te]'`"
+        ) from exc
+    probe = {"mxfp8": te.is_mxfp8_available, "fp8-block": te.is_fp8_block_scaling_available}.get(
+        precision, te.is_fp8_available)
+    available, reason = probe(return_reason=True)
+    if not available:
+        name = torch.cuda.get_device_name()
+        raise BackendUnavailableError(
+            f"precision={precision!r} is not supported on {name}: {reason}. "
+            "FP8 needs Hopper (H100/H200) or newer, MXFP8 needs Blackwell; use 'bf16'"
+        )
+
+
+@contextlib.contextmanager
+def autocast(precision: str = "bf16", device_type: str | None = None) -> Iterator[None]:
+    """Run forward passes of a converted model under `precision` (see module docstring)."""
+    check_precision_available(precision)
+    device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
+    with torch.autocast(device_type, dtype=torch.bfloat16):
+        if precision == "bf16":
+            yield
+            return
+        import transformer_engine.pytorch as te
+
+        with te.autocast(enabled=True, recipe=make_recipe(precision)):
+            yield
