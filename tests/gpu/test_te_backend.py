@@ -1,0 +1,200 @@
+"""Transformer Engine backend against HF and the reference layer, on the GPU.
+
+Run on the device: `bash scripts/gpu_check.sh` (installs the GPU kit, runs `pytest -m gpu`).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_hf_model, te_unavailable_reason
+from hf_configs import GPU_ARCHITECTURES
+from transformers import AutoModelForCausalLM
+
+import te_llama
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(te_unavailable_reason() is not None,
+                                                  reason=te_unavailable_reason() or "")]
+
+BF16_REL_L2 = 1e-2          # logits and per-parameter gradients, BF16 vs float32 oracle
+ARGMAX_AGREEMENT = 0.99
+FP8_FORWARD_REL_L2 = 0.1    # FP8 logits vs BF16 logits
+FP8_FINAL_LOSS_REL = 0.05   # FP8 final loss within 5% of BF16's after the same steps
+FP8_RECIPES = ["fp8", "fp8-delayed", "fp8-current", "fp8-block"]
+SEQ_LEN = 200               # not a multiple of 16; past max_position_embeddings of the dynamic-rope config
+DEVICE = "cuda"
+
+
+def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
+    got, want = got.detach().float(), want.detach().float()
+    return float((got - want).norm() / want.norm())
+
+
+def argmax_agreement(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.argmax(-1) == want.argmax(-1)).float().mean())
+
+
+def token_batch(vocab: int, batch: int = 2, seq: int = SEQ_LEN, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+def models(arch: str, fuse_qkv: bool):
+    """HF float32 (oracle), HF bf16, TE bf16 and reference float32, all on the same weights."""
+    hf32 = random_hf_model(arch, gpu_size=True, device=DEVICE)
+    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    te16 = te_llama.convert(copy.deepcopy(hf16), backend="te", fuse_qkv=fuse_qkv)
+    ref32 = te_llama.convert(copy.deepcopy(hf32), backend="reference", fuse_qkv=fuse_qkv)
+    return hf32, hf16, te16, ref32
+
+
+def hf_named_grads(model, spec, fuse_qkv: bool, converted: bool) -> dict[str, torch.Tensor]:
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return te_llama.te_to_hf(grads, spec, fuse_qkv) if converted else grads
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True], ids=["separate-qkv", "fused-qkv"])
+@pytest.mark.parametrize("arch", sorted(GPU_ARCHITECTURES))
+def test_te_bf16_matches_hf_and_reference(arch: str, fuse_qkv: bool, record_metric) -> None:
+    hf32, hf16, te16, ref32 = models(arch, fuse_qkv)
+    spec = te_llama.ArchitectureSpec.from_hf_config(hf32.config)
+    ids = token_batch(hf32.config.vocab_size)
+    outs = {name: m(ids, labels=ids) for name, m in
+            {"hf32": hf32, "hf16": hf16, "te16": te16, "ref32": ref32}.items()}
+    for out in outs.values():
+        out.loss.backward()
+
+    te_logits = outs["te16"].logits
+    errors = {
+        "te16_vs_hf16": rel_l2(te_logits, outs["hf16"].logits),
+        "te16_vs_ref32": rel_l2(te_logits, outs["ref32"].logits),
+        "hf16_vs_hf32": rel_l2(outs["hf16"].logits, outs["hf32"].logits),
+        "ref32_vs_hf32": rel_l2(outs["ref32"].logits, outs["hf32"].logits),
+        "argmax_te16_vs_hf32": argmax_agreement(te_logits, outs["hf32"].logits),
+    }
+    want = hf_named_grads(hf32, spec, fuse_qkv, converted=False)
+    te_grads = hf_named_grads(te16, spec, fuse_qkv, converted=True)
+    hf16_grads = hf_named_grads(hf16, spec, fuse_qkv, converted=False)
+    assert set(te_grads) == set(want)
+    grad_errors = {n: rel_l2(te_grads[n], g) for n, g in want.items()}
+    hf16_grad_errors = {n: rel_l2(hf16_grads[n], g) for n, g in want.items()}
+    worst = max(grad_errors, key=grad_errors.get)
+    record_metric(arch=arch, fuse_qkv=fuse_qkv, **errors, worst_grad=worst,
+                  worst_grad_te16=grad_errors[worst], worst_grad_hf16=max(hf16_grad_errors.values()))
+
+    assert errors["ref32_vs_hf32"] <= 1e-5
+    assert errors["te16_vs_ref32"] <= BF16_REL_L2
+    assert errors["te16_vs_hf16"] <= BF16_REL_L2
+    assert errors["argmax_te16_vs_hf32"] >= ARGMAX_AGREEMENT
+    assert grad_errors[worst] <= BF16_REL_L2, f"{worst}: {grad_errors[worst]:.3g}"
+
+
+def _padded(mask_side: str, vocab: int):
+    ids = token_batch(vocab, batch=3, seq=SEQ_LEN, seed=1)
+    mask = torch.ones_like(ids)
+    for row, pad in enumerate([0, 37, 101]):
+        if pad:
+            mask[row, slice(0, pad) if mask_side == "left" else slice(SEQ_LEN - pad, SEQ_LEN)] = 0
+    return ids, mask
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("arch", ["llama3.1-gqa-llama3-rope", "qwen2-qkv-bias-tied"])
+def test_te_padded_batch_matches_hf(arch: str, side: str, record_metric) -> None:
+    hf32, hf16, te16, _ = models(arch, fuse_qkv=True)
+    ids, mask = _padded(side, hf32.config.vocab_size)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        want = hf32(ids, attention_mask=mask, position_ids=position_ids).logits
+        got = te16(ids, attention_mask=mask, position_ids=position_ids).logits
+    real = mask.bool()
+    error, agreement = rel_l2(got[real], want[real]), argmax_agreement(got[real], want[real])
+    record_metric(arch=arch, side=side, rel_l2_vs_hf32=error, argmax=agreement)
+    assert error <= BF16_REL_L2 and agreement >= ARGMAX_AGREEMENT
+
+
+@pytest.mark.parametrize("arch", ["llama2-mha", "mistral-gqa"])
+def test_te_packed_documents_match_each_alone(arch: str, record_metric) -> None:
+    hf32, _, te16, _ = models(arch, fuse_qkv=False)
+    lengths = (61, 130, 9, 57)
+    docs = [token_batch(hf32.config.vocab_size, 1, n, seed=i) for i, n in enumerate(lengths)]
+    packed = torch.cat(docs, dim=1)
+    position_ids = torch.cat([torch.arange(n, device=DEVICE) for n in lengths])[None]
+    with torch.no_grad():
+        got = te16(packed, position_ids=position_ids).logits
+        want = torch.cat([hf32(d).logits for d in docs], dim=1)
+    error, agreement = rel_l2(got, want), argmax_agreement(got, want)
+    record_metric(arch=arch, rel_l2_vs_docs_alone=error, argmax=agreement)
+    assert error <= BF16_REL_L2 and agreement >= ARGMAX_AGREEMENT
+
+
+@pytest.mark.parametrize("precision", FP8_RECIPES)
+def test_fp8_forward_close_to_bf16(precision: str, record_metric) -> None:
+    _, _, te16, _ = models("llama3.1-gqa-llama3-rope", fuse_qkv=True)
+    ids = token_batch(te16.config.vocab_size, seq=100)  # 200 tokens: padded to 32 inside
+    with torch.no_grad(), te_llama.autocast("bf16"):
+        bf16 = te16(ids).logits
+    with torch.no_grad(), te_llama.autocast(precision):
+        fp8 = te16(ids).logits
+    error = rel_l2(fp8, bf16)
+    record_metric(precision=precision, rel_l2_vs_bf16=error)
+    assert torch.isfinite(fp8).all() and error <= FP8_FORWARD_REL_L2
+
+
+def _train_losses(precision: str, steps: int = 50) -> list[float]:
+    model = te_llama.convert(random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE),
+                             backend="te", fuse_qkv=True).train()  # float32 master weights
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
+    ids = token_batch(model.config.vocab_size, batch=4, seq=128, seed=5)
+    losses = []
+    for _ in range(steps):
+        with te_llama.autocast(precision):
+            loss = model(ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    return losses
+
+
+@pytest.fixture(scope="module")
+def bf16_losses() -> list[float]:
+    return _train_losses("bf16")
+
+
+@pytest.mark.parametrize("precision", FP8_RECIPES)
+def test_fp8_training_tracks_bf16(precision: str, bf16_losses: list[float], record_metric) -> None:
+    losses = _train_losses(precision)
+    gap = abs(losses[-1] - bf16_losses[-1]) / bf16_losses[-1]
+    record_metric(precision=precision, first_loss=losses[0], final_loss=losses[-1],
+                  bf16_first=bf16_losses[0], bf16_final=bf16_losses[-1], relative_gap=gap)
+    assert losses[-1] < 0.5 * losses[0], "FP8 training did not bring the loss down"
+    assert gap <= FP8_FINAL_LOSS_REL
+
+
+def test_save_pretrained_of_te_model_reloads_in_vanilla_hf(tmp_path, record_metric) -> None:
+    _, hf16, te16, _ = models("qwen2-qkv-bias-tied", fuse_qkv=True)
+    te_llama.save_pretrained(te16, tmp_path / "export")
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.bfloat16).to(DEVICE)
+    ids = token_batch(hf16.config.vocab_size)
+    with torch.no_grad():
+        got, want = vanilla(ids).logits, te16(ids).logits
+    original = hf16.state_dict()
+    identical = all(torch.equal(v, original[k]) for k, v in vanilla.state_dict().items())
+    record_metric(rel_l2=rel_l2(got, want), weights_bit_identical=identical)
+    assert identical
+    assert rel_l2(got, want) <= BF16_REL_L2
+
+
+def test_from_pretrained_loads_shards_onto_gpu(tmp_path, record_metric) -> None:
+    hf16 = random_hf_model("mistral-gqa", gpu_size=True, dtype=torch.bfloat16)
+    hf16.save_pretrained(tmp_path, max_shard_size="20MB")
+    model = te_llama.from_pretrained(tmp_path, backend="te", torch_dtype=torch.bfloat16, fuse_qkv=True)
+    assert {p.device.type for p in model.parameters()} == {"cuda"}
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    ids = token_batch(hf16.config.vocab_size)
+    with torch.no_grad():
+        error = rel_l2(model(ids).logits, hf16.to(DEVICE)(ids).logits)
+    record_metric(rel_l2_vs_hf16=error)
+    assert error <= BF16_REL_L2
