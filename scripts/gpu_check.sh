@@ -5,7 +5,7 @@
 set -uo pipefail
 OUT="${OUT:-/tmp/te-llama-out}"; mkdir -p "$OUT"
 source .gpu_kit/setup.sh
-pip install -q --no-deps --no-build-isolation -e . 2>&1 | grep -v -i warn
+export PYTHONPATH="$PWD/src:$PYTHONPATH"  # the package itself, without pip (no network there)
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/env.txt"
 python3 -c "import torch, transformers, transformer_engine as te; print('torch', torch.__version__, 'transformers', transformers.__version__, 'TE', te.__version__)" 2>&1 | grep -v -i warn | tee -a "$OUT/env.txt"
 rm -f "$OUT/metrics.jsonl"
