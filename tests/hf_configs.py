@@ -82,9 +82,10 @@ GPU_ARCHITECTURES = {
     "qwen2-qkv-bias-tied": lambda: Qwen2Config(vocab_size=1024, hidden_size=1152, intermediate_size=3072,
                                                num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3,
                                                tie_word_embeddings=True, max_position_embeddings=1024),
+    # head_dim 128 != 1024 / 16 (like Mistral-Nemo); TE refuses > 128 (see te_decoder.py)
     "llama-explicit-head-dim": lambda: LlamaConfig(vocab_size=1024, hidden_size=1024, intermediate_size=2816,
-                                                   num_hidden_layers=2, num_attention_heads=8,
-                                                   num_key_value_heads=2, head_dim=192,
+                                                   num_hidden_layers=2, num_attention_heads=16,
+                                                   num_key_value_heads=4, head_dim=128,
                                                    max_position_embeddings=1024),
     "llama-odd-mqa-biases-linear-rope": lambda: LlamaConfig(
         vocab_size=1000, hidden_size=1040, intermediate_size=2800, num_hidden_layers=2,

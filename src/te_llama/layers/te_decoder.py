@@ -5,8 +5,13 @@ from __future__ import annotations
 import torch
 import transformer_engine.pytorch as te
 
+from ..errors import UnsupportedArchitectureError
 from ..spec import ArchitectureSpec
 from .hf_adapter import HFDecoderAdapter
+
+# cuDNN fused attention in TE 2.20 gives wrong THD (packed) gradients above this head size on
+# Hopper (measured: scripts/diag_attention_head_dim.py, docs/GPU_CHECKS.md); forward is fine.
+MAX_TE_HEAD_DIM = 128
 
 
 class TEDecoderLayer(HFDecoderAdapter, te.TransformerLayer):
@@ -16,6 +21,11 @@ class TEDecoderLayer(HFDecoderAdapter, te.TransformerLayer):
 def build_te_decoder_layer(spec: ArchitectureSpec, layer_index: int, fuse_qkv: bool,
                            device: torch.device | str, dtype: torch.dtype) -> TEDecoderLayer:
     """Everything from the spec, through TE's constructor arguments; no patching."""
+    if spec.head_dim > MAX_TE_HEAD_DIM:
+        raise UnsupportedArchitectureError(
+            f"head_dim={spec.head_dim} > {MAX_TE_HEAD_DIM} is not supported by backend='te': TE's fused "
+            "attention computes wrong gradients for packed sequences at that size; use backend='reference'"
+        )
     return TEDecoderLayer(
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.intermediate_size,
