@@ -1,7 +1,7 @@
 """Full-size shapes on one GPU: build, convert to TE, train a few AdamW steps, report memory.
 
     python scripts/big_model_steps.py --preset llama2-7b llama3-8b --precision bf16 fp8
-    python scripts/big_model_steps.py --preset llama2-7b --reload   # also export + load from shards
+    python scripts/big_model_steps.py --preset llama2-7b --reload llama2-7b   # also export + load from shards
 
 Random weights (no download). One process per (preset, precision) so memory does not carry over.
 """
@@ -86,7 +86,8 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--reload", action="store_true", help="also export and reload each preset")
+    parser.add_argument("--reload", nargs="*", default=[], metavar="PRESET",
+                        help="also export these presets with save_pretrained and load them back from shards")
     parser.add_argument("--one", nargs=2, metavar=("PRESET", "PRECISION"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -103,7 +104,7 @@ def main() -> None:
             else:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(json.dumps(rows[-1]), flush=True)
-        if args.reload:
+        if preset in args.reload:
             print(json.dumps(export_and_reload(preset)), flush=True)
     print(f"\n{'preset':<10} {'prec':<5} {'params(B)':>9} {'ms/step':>8} {'peak GiB':>9} {'loss0':>7} {'lossN':>7}")
     for r in rows:
