@@ -158,11 +158,12 @@ def _export_config(model: nn.Module, dtype: torch.dtype):
     return config
 
 
-def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                    tokenizer: Any = None) -> Path:
     """Write an HF-layout checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads.
 
     Written to a temporary sibling directory and renamed into place; an existing checkpoint
-    at `path` is replaced only once the new one is complete.
+    at `path` is replaced only once the new one is complete. A tokenizer given is saved with it.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +174,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: 
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
             generation_config.save_pretrained(staging)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
         if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))

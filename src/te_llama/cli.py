@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
+from dataclasses import fields
+from typing import get_type_hints
 
 import torch
+
+from .errors import TeLlamaError
+from .finetune_config import FinetuneConfig
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -27,6 +33,37 @@ def _check(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
+def _finetune(args: argparse.Namespace) -> int:
+    import logging
+
+    from .finetune import finetune
+    from .finetune_config import resolve_config
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    flags = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}
+    result = finetune(resolve_config(args.config, **flags))
+    eval_part = (f", eval loss {result.eval_loss:.4f} (ppl {math.exp(min(result.eval_loss, 50)):.2f})"
+                 if result.eval_loss is not None else "")
+    where = f"HF model exported to {result.exported}" if result.exported else f"checkpoint in {result.output_dir}"
+    print(f"done: {result.steps} steps, final train loss {result.final_loss:.4f}{eval_part}, "
+          f"{result.useful_tokens_per_s:,.0f} useful tokens/s; {where}; "
+          f"metrics {result.output_dir / 'metrics.jsonl'}, plot {result.output_dir / 'metrics.png'}")
+    return 0
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per FinetuneConfig field (--max-seq-len ...); unset flags stay None."""
+    hints = get_type_hints(FinetuneConfig)
+    for field in fields(FinetuneConfig):
+        flag = "--" + field.name.replace("_", "-")
+        kind = hints[field.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            continue
+        base = next((t for t in (int, float, str) if t == kind or t in getattr(kind, "__args__", ())), str)
+        parser.add_argument(flag, type=base, default=None, metavar=field.name.upper())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="te-llama", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -37,12 +74,21 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     check.add_argument("--tolerance", type=float, default=1e-5, help="max relative logits error")
     check.set_defaults(func=_check)
+    tune = sub.add_parser("finetune", help="finetune an HF checkpoint (default: the tiny built-in model)",
+                          description="Flags override --config (YAML or TOML); see FinetuneConfig for each option.")
+    tune.add_argument("--config", default=None, help="YAML or TOML file with FinetuneConfig options")
+    _add_config_flags(tune)
+    tune.set_defaults(func=_finetune)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except (TeLlamaError, FileNotFoundError, ValueError) as exc:
+        print(f"te-llama: error: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Precision is configuration: one name, applied at one autocast site.
 
-`autocast("bf16")` runs the whole model (TE layers and HF's embeddings, norm, lm_head) in
+`autocast("fp32")` changes nothing (the weights' own dtype); `autocast("bf16")` runs the whole model (TE layers and HF's embeddings, norm, lm_head) in
 BF16 through `torch.autocast`; the FP8 names add TE's FP8 autocast with a recipe:
 
     fp8          our default, currently fp8-block (best loss tracking in docs/GPU_CHECKS.md)
@@ -20,8 +20,8 @@ import torch
 
 from .errors import BackendUnavailableError
 
-PRECISIONS = ("bf16", "fp8", "fp8-delayed", "fp8-current", "fp8-block", "mxfp8")
-FP8_PRECISIONS = PRECISIONS[1:]
+PRECISIONS = ("fp32", "bf16", "fp8", "fp8-delayed", "fp8-current", "fp8-block", "mxfp8")
+FP8_PRECISIONS = PRECISIONS[2:]
 DEFAULT_FP8 = "fp8-block"
 
 
@@ -46,7 +46,7 @@ def check_precision_available(precision: str) -> None:
     """Raise a clear error when `precision` cannot run on this machine."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision={precision!r} is unknown; choose one of {PRECISIONS}")
-    if precision == "bf16":
+    if precision in ("fp32", "bf16"):
         return
     if not torch.cuda.is_available():
         raise BackendUnavailableError(f"precision={precision!r} needs an NVIDIA GPU; none is visible (use 'bf16')")
@@ -72,6 +72,9 @@ def check_precision_available(precision: str) -> None:
 def autocast(precision: str = "bf16", device_type: str | None = None) -> Iterator[None]:
     """Run forward passes of a converted model under `precision` (see module docstring)."""
     check_precision_available(precision)
+    if precision == "fp32":  # weights' own dtype, no autocast
+        yield
+        return
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     with torch.autocast(device_type, dtype=torch.bfloat16):
         if precision == "bf16":

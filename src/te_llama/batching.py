@@ -1,0 +1,84 @@
+"""Batches for training: packed documents (TE's THD path, no padding) or padded rows.
+
+Packing puts several examples in one row with `position_ids` restarting at each example;
+the TE-layout layers turn that into `cu_seqlens`, so no token attends across examples and
+no FLOP goes to padding. The first token of every example gets label -100, so no position
+is trained to predict the next example's first token: the loss equals the padded batch's.
+Padding mode (right padding to a multiple of 16, like NVIDIA's tutorial) is kept for comparison.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .data import IGNORE_INDEX
+
+PAD_MULTIPLE = 16
+
+
+@dataclass
+class Batch:
+    """Model inputs plus the token counts that throughput is reported in."""
+
+    inputs: dict[str, torch.Tensor]
+    real_tokens: int
+    """Tokens that are not padding (what useful tokens/s counts)."""
+    padded_tokens: int
+    """Positions the model computes on, padding included."""
+
+
+def collate_packed(examples: Sequence[dict]) -> Batch:
+    """One row (1, T): the examples back to back, position ids restarting per example."""
+    ids, labels, positions = [], [], []
+    for example in examples:
+        n = len(example["input_ids"])
+        ids += example["input_ids"]
+        labels += [IGNORE_INDEX] + list(example["labels"][1:])  # never predict across examples
+        positions += range(n)
+    inputs = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+              "position_ids": torch.tensor([positions])}
+    return Batch(inputs, real_tokens=len(ids), padded_tokens=len(ids))
+
+
+def collate_padded(examples: Sequence[dict], pad_token_id: int, multiple: int = PAD_MULTIPLE) -> Batch:
+    """(b, L) rows right-padded to the longest example rounded up to `multiple`."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    width = -(-longest // multiple) * multiple
+    ids = torch.full((len(examples), width), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, example in enumerate(examples):
+        n = len(example["input_ids"])
+        ids[row, :n] = torch.tensor(example["input_ids"])
+        labels[row, :n] = torch.tensor(example["labels"])
+        mask[row, :n] = 1
+    real = int(mask.sum())
+    return Batch({"input_ids": ids, "labels": labels, "attention_mask": mask}, real, ids.numel())
+
+
+def plan_epoch(lengths: Sequence[int], packing: bool, batch_size: int, max_seq_len: int,
+               seed: int, epoch: int) -> list[list[int]]:
+    """Example indices of every batch of one epoch, shuffled reproducibly by (seed, epoch).
+
+    Packing fills each batch up to `batch_size * max_seq_len` tokens (the padded batch's
+    budget); padding takes `batch_size` examples per batch.
+    """
+    order = list(range(len(lengths)))
+    random.Random(seed * 100_003 + epoch).shuffle(order)
+    if not packing:
+        return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    budget = batch_size * max_seq_len
+    batches, current, used = [], [], 0
+    for index in order:
+        if current and used + lengths[index] > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(index)
+        used += lengths[index]
+    if current:
+        batches.append(current)
+    return batches

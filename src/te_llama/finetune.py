@@ -1,0 +1,284 @@
+"""The finetune recipe: setup -> train -> save -> cleanup, in one readable file.
+
+Components (data, batching, checkpoints, metrics) are plain functions in their own modules;
+this file wires them together through accelerate, so `accelerate launch` works unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+from transformers import AutoTokenizer, get_scheduler
+
+from .batching import Batch, collate_packed, collate_padded, plan_epoch
+from .builtin import SAMPLE_TEXT, asset_path, builtin_model, builtin_tokenizer
+from .checkpoint import from_pretrained, save_pretrained
+from .convert import convert
+from .data import DataError, DataReport, load_examples, split_eval
+from .errors import TeLlamaError
+from .finetune_config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
+from .metrics import MetricsLog, plot_metrics, read_metrics
+from .precision import FP8_PRECISIONS, PRECISIONS, autocast, check_precision_available
+from .training_state import Position, checkpoints, load_checkpoint, save_checkpoint, sweep_incomplete
+
+logger = logging.getLogger(__name__)
+RUN_CONFIG = "run_config.json"
+
+
+class RunDirectoryError(TeLlamaError, ValueError):
+    """The output directory conflicts with what was asked (another run there, nothing to resume)."""
+
+
+@dataclass
+class FinetuneResult:
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    useful_tokens_per_s: float
+    output_dir: Path
+    exported: Path | None
+
+
+@dataclass
+class Runtime:
+    """Choices resolved from 'auto' for this machine."""
+
+    device: torch.device
+    backend: str
+    precision: str
+    param_dtype: torch.dtype
+
+
+def _te_importable() -> bool:
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except Exception:  # noqa: BLE001
+        return False
+    return True
+
+
+def resolve_runtime(config: FinetuneConfig) -> Runtime:
+    cuda = torch.cuda.is_available()
+    backend = config.backend if config.backend != "auto" else ("te" if cuda and _te_importable() else "reference")
+    precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision={precision!r} is unknown; choose one of {PRECISIONS}")
+    if precision in FP8_PRECISIONS and backend != "te":
+        raise ValueError(f"precision={precision!r} needs backend='te' (FP8 GEMMs are Transformer Engine's)")
+    check_precision_available(precision)
+    dtype_name = config.param_dtype if config.param_dtype != "auto" else ("bfloat16" if cuda else "float32")
+    if dtype_name not in ("float32", "bfloat16"):
+        raise ValueError(f"param_dtype={dtype_name!r}: choose float32 or bfloat16")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return Runtime(device, backend, precision, getattr(torch, dtype_name))
+
+
+def prepare_output_dir(config: FinetuneConfig) -> Path:
+    """Refuse to mix runs: a different run in output_dir needs --resume or --overwrite."""
+    out = Path(config.output_dir)
+    saved = out / RUN_CONFIG
+    if config.resume:
+        if not saved.is_file():
+            raise RunDirectoryError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing)")
+        previous = json.loads(saved.read_text())
+        changed = sorted(k for k, v in asdict(config).items()
+                         if k not in RESUME_FREE_FIELDS and previous.get(k) != v)
+        if changed:
+            diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
+            raise RunDirectoryError(f"--resume: the run in {out} was started with other settings ({diffs}); "
+                                    "resume with the same settings, or start a new --output-dir")
+        return out
+    if out.exists() and any(out.iterdir()):
+        if not config.overwrite:
+            what = "a previous te-llama run" if saved.is_file() else "other files"
+            raise RunDirectoryError(f"{out} already holds {what}; pass --resume to continue it, --overwrite "
+                                    "to replace it, or choose another --output-dir")
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(config, saved)
+    return out
+
+
+def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime) -> tuple[Any, Any]:
+    if config.model is None:
+        tokenizer = builtin_tokenizer()
+        model = builtin_model(tokenizer, dtype=runtime.param_dtype, seed=config.seed).to(runtime.device)
+        model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        model = from_pretrained(config.model, backend=runtime.backend, torch_dtype=runtime.param_dtype,
+                                fuse_qkv=config.fuse_qkv, device=runtime.device)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token "
+                            "(padding mode needs one) or use --packing")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer has no pad token: using eos %r (pad positions carry no loss)", tokenizer.eos_token)
+    if config.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train(), tokenizer
+
+
+class BatchSource:
+    """Deterministic batches by (seed, epoch, index): resuming needs only the position."""
+
+    def __init__(self, examples, config: FinetuneConfig, pad_token_id: int) -> None:
+        self.ids, self.labels = examples["input_ids"], examples["labels"]
+        self.lengths = [len(x) for x in self.ids]
+        self.config, self.pad_token_id = config, pad_token_id
+        self._plans: dict[int, list[list[int]]] = {}
+
+    def plan(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._plans:
+            c = self.config
+            self._plans = {epoch: plan_epoch(self.lengths, c.packing, c.batch_size, c.max_seq_len, c.seed, epoch)}
+        return self._plans[epoch]
+
+    def batch(self, indices: list[int]) -> Batch:
+        examples = [{"input_ids": self.ids[i], "labels": self.labels[i]} for i in indices]
+        return collate_packed(examples) if self.config.packing else collate_padded(examples, self.pad_token_id)
+
+    def next(self, position: Position) -> Batch:
+        """The micro-batch at `position`, advancing it (and the epoch when one is used up)."""
+        if position.batch_in_epoch >= len(self.plan(position.epoch)):
+            position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+        batch = self.batch(self.plan(position.epoch)[position.batch_in_epoch])
+        position.batch_in_epoch += 1
+        return batch
+
+
+def total_steps(config: FinetuneConfig, source: BatchSource) -> int:
+    if config.max_steps is not None:
+        return config.max_steps
+    return max(1, config.epochs * math.ceil(len(source.plan(0)) / config.grad_accum))
+
+
+def evaluate(model, source: BatchSource | None, runtime: Runtime) -> float | None:
+    """Token-weighted mean loss over the eval split."""
+    if source is None:
+        return None
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for indices in source.plan(0):
+            batch = source.batch(indices)
+            inputs = {k: v.to(runtime.device) for k, v in batch.inputs.items()}
+            targets = int((inputs["labels"][:, 1:] != -100).sum())
+            with autocast(runtime.precision):
+                total += float(model(**inputs).loss) * targets
+            count += targets
+    model.train()
+    return total / max(count, 1)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After resuming at `step`, forget rows logged after that checkpoint by the interrupted run."""
+    rows = [r for r in read_metrics(path) if r["step"] <= step]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    # ---- setup
+    runtime = resolve_runtime(config)
+    out = prepare_output_dir(config)
+    accelerator = Accelerator(cpu=runtime.device.type == "cpu")
+    torch.manual_seed(config.seed)
+    model, tokenizer = load_model_and_tokenizer(config, runtime)
+    data = config.data or str(asset_path(SAMPLE_TEXT))
+    cache_dir = config.cache_dir or str(Path.home() / ".cache" / "te-llama")
+    examples, report = load_examples(data, tokenizer, config.max_seq_len, cache_dir, config.text_field,
+                                     config.assistant_only_loss, config.long_rows, config.on_bad_rows)
+    (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
+    train_set, eval_set = split_eval(examples, config.eval_fraction, config.seed)
+    train = BatchSource(train_set, config, tokenizer.pad_token_id)
+    evals = BatchSource(eval_set, config, tokenizer.pad_token_id) if eval_set is not None else None
+    steps = total_steps(config, train)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  fused=runtime.device.type == "cuda")
+    scheduler = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+
+    ckpt_root = out / "checkpoints"
+    sweep_incomplete(ckpt_root)
+    position = Position()
+    metrics = MetricsLog(out, config.tensorboard and accelerator.is_main_process)
+    if config.resume:
+        found = checkpoints(ckpt_root)
+        if not found:
+            raise RunDirectoryError(f"--resume: no complete checkpoint in {ckpt_root}")
+        position = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
+        _truncate_metrics(metrics.path, position.step)
+        logger.info("resumed from %s (step %d)", found[-1], position.step)
+    _log_start(config, runtime, report, len(train_set), steps, position)
+
+    # ---- train
+    stop_at = min(steps, position.step + config.stop_after_steps) if config.stop_after_steps else steps
+    last_loss, eval_loss, speeds = float("nan"), None, []
+    bar = tqdm(total=steps, initial=position.step, desc="finetune", disable=not accelerator.is_main_process)
+    while position.step < stop_at:
+        start = time.perf_counter()
+        loss_sum, real, padded = torch.zeros((), device=runtime.device), 0, 0
+        for _ in range(config.grad_accum):
+            batch = train.next(position)
+            inputs = {k: v.to(runtime.device) for k, v in batch.inputs.items()}
+            with autocast(runtime.precision):
+                loss = model(**inputs).loss
+            accelerator.backward(loss / config.grad_accum)
+            loss_sum += loss.detach()
+            real, padded = real + batch.real_tokens, padded + batch.padded_tokens
+        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        position.step += 1
+        last_loss = float(loss_sum) / config.grad_accum  # syncs the device: the step is done
+        elapsed = time.perf_counter() - start
+        speeds.append(real / elapsed)
+        metrics.log("train", position.step, loss=last_loss, lr=scheduler.get_last_lr()[0],
+                    grad_norm=float(grad_norm) if grad_norm is not None else None, step_ms=1000 * elapsed,
+                    tokens_per_s=real / elapsed, real_tokens=real, padded_tokens=padded, epoch=position.epoch)
+        bar.update(1)
+        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{real / elapsed:,.0f}")
+        if evals is not None and (position.step % config.eval_every == 0 or position.step == steps):
+            eval_loss = evaluate(model, evals, runtime)
+            metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
+        if position.step % config.save_every == 0 or position.step == stop_at:
+            save_checkpoint(ckpt_root, position, accelerator.unwrap_model(model), optimizer, scheduler,
+                            config.keep_last)
+    bar.close()
+
+    # ---- save
+    exported = None
+    if position.step == steps and accelerator.is_main_process:
+        exported = save_pretrained(accelerator.unwrap_model(model), out / "final", tokenizer=tokenizer)
+    metrics.close()
+    plot_metrics(metrics.path, out / "metrics.png")
+    # ---- cleanup
+    tail = speeds[len(speeds) // 5:] or speeds
+    result = FinetuneResult(position.step, last_loss, eval_loss, sum(tail) / max(len(tail), 1), out, exported)
+    accelerator.end_training()
+    return result
+
+
+def _log_start(config: FinetuneConfig, runtime: Runtime, report: DataReport, n_train: int, steps: int,
+               position: Position) -> None:
+    logger.info("te-llama finetune: model=%s backend=%s precision=%s params=%s device=%s packing=%s",
+                config.model or "built-in tiny llama", runtime.backend, runtime.precision,
+                str(runtime.param_dtype).removeprefix("torch."), runtime.device, config.packing)
+    logger.info("data: %d rows -> %d train examples, %d tokens (%d malformed skipped, %d truncated, "
+                "%d dropped too long, %d without targets); %d steps from step %d", report.rows, n_train,
+                report.tokens, report.malformed_skipped, report.truncated, report.dropped_too_long,
+                report.dropped_empty, steps, position.step)

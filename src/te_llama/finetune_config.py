@@ -1,0 +1,124 @@
+"""Finetune configuration: a dataclass with a docstring per field, YAML/TOML files, flags on top.
+
+Precedence: dataclass defaults < embedded-default preset (when no --model is given) < config
+file < command-line flags. The resolved config is saved with every run (run_config.json).
+"""
+
+from __future__ import annotations
+
+import json
+import tomllib
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+@dataclass
+class FinetuneConfig:
+    model: str | None = None
+    """Local HF checkpoint directory; None = the tiny built-in model and tokenizer."""
+    data: str | None = None
+    """JSONL/JSON/Parquet/CSV file, a save_to_disk folder, or a hub name; None = bundled sample."""
+    output_dir: str = "runs/te-llama"
+    """Checkpoints, metrics, plot and the exported HF model (output_dir/final)."""
+    backend: str = "auto"
+    """"te", "reference", or "auto" (TE when CUDA and Transformer Engine are present)."""
+    precision: str = "auto"
+    """"fp32", "bf16", "fp8" (default recipe), "fp8-delayed", "fp8-current", "fp8-block", "mxfp8"; auto = bf16 on GPU, fp32 on CPU."""
+    param_dtype: str = "auto"
+    """Dtype the weights are stored and updated in: "float32" or "bfloat16"; auto = bf16 on GPU (a 7B fits), fp32 on CPU."""
+    fuse_qkv: bool = True
+    """Keep Q/K/V as one TE parameter (one GEMM)."""
+    text_field: str = "text"
+    """Column with the plain text, for non-chat data."""
+    assistant_only_loss: bool = True
+    """For chat data: train only on assistant tokens."""
+    max_seq_len: int = 2048
+    """Examples longer than this are handled by long_rows."""
+    long_rows: str = "truncate"
+    """Examples over max_seq_len: "truncate", "drop" or "fail"."""
+    on_bad_rows: str = "fail"
+    """Malformed JSON lines: "fail" (the default: nothing silently lost) or "skip" (counted)."""
+    eval_fraction: float = 0.05
+    """Share of examples held out for evaluation (0 = no eval)."""
+    packing: bool = True
+    """Pack examples into rows (no padding, no cross-example attention); False = pad each batch."""
+    batch_size: int = 8
+    """Examples per micro-batch (padding), or the token budget batch_size * max_seq_len (packing)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    """Share of the steps spent warming the learning rate up linearly."""
+    schedule: str = "cosine"
+    """Learning-rate schedule after warm-up: "cosine", "linear" or "constant"."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping (0 = off)."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward: less memory, about a third more compute."""
+    seed: int = 0
+    max_steps: int | None = None
+    """Optimizer steps; None = run `epochs` epochs."""
+    epochs: int = 1
+    stop_after_steps: int | None = None
+    """Stop (with a checkpoint) after this many steps of this run, schedule unchanged; resume later."""
+    eval_every: int = 100
+    save_every: int = 500
+    keep_last: int = 2
+    """Checkpoints kept (older ones deleted after a newer one is complete)."""
+    resume: bool = False
+    """Continue the run in output_dir from its latest checkpoint."""
+    overwrite: bool = False
+    """Replace a different run already in output_dir."""
+    cache_dir: str | None = None
+    """Where tokenized data is cached; None = ~/.cache/te-llama."""
+    tensorboard: bool = True
+    """Also log to TensorBoard when it is installed."""
+
+
+# The embedded default: tiny model, bundled data, done in well under a minute on a CPU.
+BUILTIN_DEFAULTS: dict[str, Any] = {
+    "output_dir": "runs/te-llama-tiny", "max_seq_len": 128, "batch_size": 8, "learning_rate": 3e-3,
+    "max_steps": 60, "eval_every": 20, "save_every": 30, "warmup_ratio": 0.1, "eval_fraction": 0.1,
+}
+FIELD_NAMES = {f.name for f in fields(FinetuneConfig)}
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    text = path.read_text()
+    values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
+    values = values.get("finetune", values) if isinstance(values, dict) else values
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of option names to values")
+    unknown = sorted(set(values) - FIELD_NAMES)
+    if unknown:
+        raise ValueError(f"{path}: unknown option(s) {unknown}; known: {sorted(FIELD_NAMES)}")
+    return values
+
+
+def resolve_config(file: str | Path | None = None, **flags: Any) -> FinetuneConfig:
+    """Defaults < built-in preset (no model given) < file < flags (None flags are 'not given')."""
+    from_file = read_config_file(file) if file else {}
+    given = {k: v for k, v in flags.items() if v is not None}
+    unknown = sorted(set(given) - FIELD_NAMES)
+    if unknown:
+        raise ValueError(f"unknown option(s) {unknown}")
+    values: dict[str, Any] = {}
+    if (given.get("model") or from_file.get("model")) is None:
+        values |= BUILTIN_DEFAULTS
+    return FinetuneConfig(**(values | from_file | given))
+
+
+def save_config(config: FinetuneConfig, path: Path) -> None:
+    path.write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+
+
+# Options that may differ between a run and its resumption without changing its results.
+RESUME_FREE_FIELDS = {"resume", "overwrite", "stop_after_steps", "cache_dir", "tensorboard", "output_dir",
+                      "eval_every", "save_every", "keep_last"}
