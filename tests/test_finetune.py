@@ -1,0 +1,229 @@
+"""`te-llama finetune` end to end on the CPU (reference backend, built-in tiny model)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import te_llama
+from te_llama.batching import collate_packed, collate_padded
+from te_llama.builtin import SAMPLE_CHAT, asset_path, builtin_model, builtin_tokenizer
+from te_llama.cli import main as cli_main
+from te_llama.finetune import RunDirectoryError, finetune
+from te_llama.finetune_config import resolve_config
+from te_llama.metrics import read_metrics
+from te_llama.training_state import checkpoints
+
+LOSS_RTOL = 1e-5  # packing vs padding: the same math up to summation order
+
+
+def run(tmp_path, name: str = "run", **overrides):
+    settings = {"output_dir": str(tmp_path / name), "cache_dir": str(tmp_path / "cache"), "tensorboard": False,
+                "max_steps": 12, "max_seq_len": 64, "batch_size": 4, "eval_every": 6, "save_every": 4}
+    return finetune(resolve_config(**(settings | overrides)))
+
+
+def train_losses(output_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(output_dir / "metrics.jsonl") if r["kind"] == "train"}
+
+
+def test_default_job_learns_and_exports_a_vanilla_hf_model(tmp_path) -> None:
+    result = run(tmp_path, max_steps=30, max_seq_len=128, batch_size=8)
+    losses = train_losses(result.output_dir)
+    assert losses[30] < 0.6 * losses[1]
+    assert result.eval_loss is not None and result.eval_loss < losses[1]
+    assert (result.output_dir / "metrics.png").stat().st_size > 0
+    assert json.loads((result.output_dir / "run_config.json").read_text())["max_steps"] == 30
+
+    vanilla = AutoModelForCausalLM.from_pretrained(result.exported)
+    trained = te_llama.from_pretrained(result.exported, backend="reference")
+    ids = torch.randint(0, vanilla.config.vocab_size, (2, 20))
+    with torch.no_grad():
+        assert float((vanilla(ids).logits - trained(ids).logits).abs().max()) < 1e-4
+    assert (result.exported / "tokenizer.json").is_file()
+
+
+def _examples(tokenizer, texts):
+    return [{"input_ids": ids, "labels": list(ids)} for ids in (tokenizer(t)["input_ids"] for t in texts)]
+
+
+def test_packing_gives_the_padded_loss_on_the_same_examples() -> None:
+    tokenizer = builtin_tokenizer()
+    model = te_llama.convert(builtin_model(tokenizer), backend="reference")
+    examples = _examples(tokenizer, ["The sum of 3 and 4 is 7.", "After one comes two.",
+                                     "The colour of the sky is blue. Everyone knows it."])
+    packed, padded = collate_packed(examples), collate_padded(examples, tokenizer.pad_token_id)
+    assert packed.real_tokens == padded.real_tokens < padded.padded_tokens
+    with torch.no_grad():
+        loss_packed = model(**packed.inputs).loss
+        loss_padded = model(**padded.inputs).loss
+    torch.testing.assert_close(loss_packed, loss_padded, rtol=LOSS_RTOL, atol=0)
+
+
+def test_packed_examples_do_not_attend_to_each_other() -> None:
+    tokenizer = builtin_tokenizer()
+    model = te_llama.convert(builtin_model(tokenizer), backend="reference")
+    first, second = _examples(tokenizer, ["The sum of 3 and 4 is 7.", "After one comes two."])
+    changed = {"input_ids": [t + 1 for t in first["input_ids"]], "labels": first["labels"]}
+    n = len(first["input_ids"])
+    with torch.no_grad():
+        a = model(**{k: v for k, v in collate_packed([first, second]).inputs.items() if k != "labels"}).logits
+        b = model(**{k: v for k, v in collate_packed([changed, second]).inputs.items() if k != "labels"}).logits
+    assert not torch.equal(a[:, :n], b[:, :n])
+    torch.testing.assert_close(a[:, n:], b[:, n:], rtol=0, atol=1e-6)
+
+
+def test_chat_loss_covers_exactly_the_assistant_tokens(tmp_path) -> None:
+    from te_llama.data import IGNORE_INDEX, load_examples
+
+    tokenizer = builtin_tokenizer()
+    examples, _ = load_examples(str(asset_path(SAMPLE_CHAT)), tokenizer, 512, None)
+    row = json.loads(asset_path(SAMPLE_CHAT).read_text().splitlines()[0])
+    first = examples[0]
+    trained = tokenizer.decode([t for t in first["labels"] if t != IGNORE_INDEX])
+    expected = "".join(m["content"] + "<|end|>" for m in row["messages"] if m["role"] == "assistant")
+    assert trained == expected
+    masked = [i for i, t in zip(first["input_ids"], first["labels"]) if t == IGNORE_INDEX]
+    assert "What is" in tokenizer.decode(masked) and "careful calculator" in tokenizer.decode(masked)
+
+
+def test_chat_finetune_runs(tmp_path) -> None:
+    result = run(tmp_path, data=str(asset_path(SAMPLE_CHAT)), max_steps=4, max_seq_len=128)
+    assert result.steps == 4
+
+
+def test_resume_continues_exactly(tmp_path) -> None:
+    whole = run(tmp_path, "whole")
+    run(tmp_path, "split", stop_after_steps=6)
+    assert [p.name for p in checkpoints(tmp_path / "split" / "checkpoints")] == ["step-00000004", "step-00000006"]
+    resumed = run(tmp_path, "split", resume=True)
+    assert resumed.steps == 12
+    want, got = train_losses(whole.output_dir), train_losses(resumed.output_dir)
+    assert sorted(got) == list(range(1, 13))
+    for step in range(7, 13):
+        assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+KILL_MID_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    import te_llama.training_state as ts
+    from te_llama.finetune import finetune
+    from te_llama.finetune_config import resolve_config
+    real_save, calls = ts.torch.save, []
+    def save_then_die(obj, path):
+        calls.append(path)
+        if len(calls) == 2:              # second checkpoint: write half a file, then get killed
+            open(path, "wb").write(b"partial")
+            os.kill(os.getpid(), signal.SIGKILL)
+        real_save(obj, path)
+    ts.torch.save = save_then_die
+    finetune(resolve_config(output_dir=sys.argv[1], cache_dir=sys.argv[2], tensorboard=False, max_steps=12,
+                            max_seq_len=64, batch_size=4, eval_every=6, save_every=4))
+""")
+
+
+def test_kill_during_checkpoint_save_keeps_the_last_good_one(tmp_path) -> None:
+    out = tmp_path / "killed"
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_SAVE, str(out), str(tmp_path / "cache")],
+                          capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert [p.name for p in checkpoints(out / "checkpoints")] == ["step-00000004"]
+    assert list((out / "checkpoints").glob(".step-*.tmp-*"))  # the half-written one, never renamed
+    whole = run(tmp_path, "whole")
+    resumed = run(tmp_path, "killed", resume=True)
+    assert not list((out / "checkpoints").glob(".step-*.tmp-*"))
+    want, got = train_losses(whole.output_dir), train_losses(resumed.output_dir)
+    for step in range(5, 13):
+        assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+def _write(path, lines):
+    path.write_text("".join(line + "\n" for line in lines))
+    return str(path)
+
+
+def test_missing_data_file(tmp_path) -> None:
+    with pytest.raises(te_llama.TeLlamaError, match="no such file"):
+        run(tmp_path, data=str(tmp_path / "nope.jsonl"))
+
+
+def test_empty_dataset(tmp_path) -> None:
+    with pytest.raises(te_llama.TeLlamaError, match="empty"):
+        run(tmp_path, data=_write(tmp_path / "empty.jsonl", []))
+
+
+def test_rows_without_the_text_field(tmp_path) -> None:
+    data = _write(tmp_path / "d.jsonl", ['{"body": "hello there"}'] * 5)
+    with pytest.raises(te_llama.TeLlamaError, match="no 'text' column.*--text-field"):
+        run(tmp_path, data=data)
+    assert run(tmp_path, "ok", data=data, text_field="body", max_steps=2).steps == 2
+
+
+def test_malformed_json_lines_fail_by_default_and_are_counted_when_skipped(tmp_path) -> None:
+    good = json.dumps({"text": "The sum of 1 and 2 is 3."})
+    data = _write(tmp_path / "d.jsonl", [good, "{not json", good, '["a list"]', good])
+    with pytest.raises(te_llama.TeLlamaError, match=r"2 malformed JSON line\(s\) \(line 2, 4\).*--on-bad-rows skip"):
+        run(tmp_path, data=data)
+    result = run(tmp_path, "skip", data=data, on_bad_rows="skip", max_steps=2, eval_fraction=0)
+    assert json.loads((result.output_dir / "data_report.json").read_text())["malformed_skipped"] == 2
+
+
+def test_sequences_longer_than_the_limit(tmp_path) -> None:
+    data = _write(tmp_path / "d.jsonl", [json.dumps({"text": "one two three " * 40})] * 4)
+    with pytest.raises(te_llama.TeLlamaError, match="longer than --max-seq-len 64"):
+        run(tmp_path, data=data, long_rows="fail")
+    result = run(tmp_path, "cut", data=data, max_steps=2, eval_fraction=0)
+    assert json.loads((result.output_dir / "data_report.json").read_text())["truncated"] == 4
+
+
+def test_tokenizer_without_pad_token(tmp_path, monkeypatch) -> None:
+    import te_llama.finetune as recipe
+
+    def no_pad():
+        tokenizer = builtin_tokenizer()
+        tokenizer.pad_token = None
+        return tokenizer
+
+    monkeypatch.setattr(recipe, "builtin_tokenizer", no_pad)
+    assert run(tmp_path, packing=False, max_steps=2).steps == 2  # falls back to eos as pad
+
+    def nothing():
+        tokenizer = no_pad()
+        tokenizer.eos_token = None
+        return tokenizer
+
+    monkeypatch.setattr(recipe, "builtin_tokenizer", nothing)
+    with pytest.raises(te_llama.TeLlamaError, match="neither a pad nor an eos token"):
+        run(tmp_path, "x", packing=False, max_steps=2)
+
+
+def test_output_dir_with_a_different_run(tmp_path) -> None:
+    run(tmp_path, max_steps=2)
+    with pytest.raises(RunDirectoryError, match="already holds a previous te-llama run.*--resume"):
+        run(tmp_path, max_steps=3)
+    with pytest.raises(RunDirectoryError, match=r"other settings \(learning_rate"):
+        run(tmp_path, max_steps=2, learning_rate=1.0, resume=True)
+    assert run(tmp_path, max_steps=3, overwrite=True).steps == 3
+
+
+def test_flags_override_the_config_file(tmp_path) -> None:
+    (tmp_path / "c.yaml").write_text("max_steps: 9\nbatch_size: 2\nlearning_rate: 0.01\n")
+    config = resolve_config(tmp_path / "c.yaml", batch_size=3, model=None)
+    assert (config.max_steps, config.batch_size, config.learning_rate) == (9, 3, 0.01)
+    (tmp_path / "c.toml").write_text("[finetune]\nmax_steps = 5\n")
+    assert resolve_config(tmp_path / "c.toml").max_steps == 5
+    (tmp_path / "bad.yaml").write_text("max_stepz: 9\n")
+    with pytest.raises(ValueError, match="unknown option.*max_stepz"):
+        resolve_config(tmp_path / "bad.yaml")
+
+
+def test_cli_reports_errors_without_a_traceback(tmp_path, capsys) -> None:
+    code = cli_main(["finetune", "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "o"),
+                     "--cache-dir", str(tmp_path / "c")])
+    assert code == 2 and "no such file" in capsys.readouterr().err
