@@ -227,3 +227,9 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys) -> None:
     code = cli_main(["finetune", "--data", str(tmp_path / "missing.jsonl"), "--output-dir", str(tmp_path / "o"),
                      "--cache-dir", str(tmp_path / "c")])
     assert code == 2 and "no such file" in capsys.readouterr().err
+
+
+def test_hf_baseline_backend_runs_and_exports(tmp_path) -> None:
+    result = run(tmp_path, backend="hf", packing=False, max_steps=3, save_every=0)
+    assert result.steps == 3 and not (result.output_dir / "checkpoints").exists()
+    assert AutoModelForCausalLM.from_pretrained(result.exported) is not None

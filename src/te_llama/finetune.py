@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import AutoTokenizer, get_scheduler
+from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from .batching import Batch, collate_packed, collate_padded, plan_epoch
 from .builtin import SAMPLE_TEXT, asset_path, builtin_model, builtin_tokenizer
@@ -67,8 +67,13 @@ def _te_importable() -> bool:
     return True
 
 
+BACKEND_CHOICES = ("auto", "te", "reference", "hf")
+
+
 def resolve_runtime(config: FinetuneConfig) -> Runtime:
     cuda = torch.cuda.is_available()
+    if config.backend not in BACKEND_CHOICES:
+        raise ValueError(f"backend={config.backend!r} is unknown; choose one of {BACKEND_CHOICES}")
     backend = config.backend if config.backend != "auto" else ("te" if cuda and _te_importable() else "reference")
     precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
     if precision not in PRECISIONS:
@@ -113,7 +118,11 @@ def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime) -> tuple[
     if config.model is None:
         tokenizer = builtin_tokenizer()
         model = builtin_model(tokenizer, dtype=runtime.param_dtype, seed=config.seed).to(runtime.device)
-        model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv)
+        if runtime.backend != "hf":
+            model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv)
+    elif runtime.backend == "hf":  # the baseline: transformers as is (SDPA attention)
+        tokenizer = AutoTokenizer.from_pretrained(config.model)
+        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=runtime.param_dtype).to(runtime.device)
     else:
         tokenizer = AutoTokenizer.from_pretrained(config.model)
         model = from_pretrained(config.model, backend=runtime.backend, torch_dtype=runtime.param_dtype,
@@ -255,7 +264,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         if evals is not None and (position.step % config.eval_every == 0 or position.step == steps):
             eval_loss = evaluate(model, evals, runtime)
             metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
-        if position.step % config.save_every == 0 or position.step == stop_at:
+        if config.save_every > 0 and (position.step % config.save_every == 0 or position.step == stop_at):
             save_checkpoint(ckpt_root, position, accelerator.unwrap_model(model), optimizer, scheduler,
                             config.keep_last)
     bar.close()
@@ -263,7 +272,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     # ---- save
     exported = None
     if position.step == steps and accelerator.is_main_process:
-        exported = save_pretrained(accelerator.unwrap_model(model), out / "final", tokenizer=tokenizer)
+        exported = export_final(accelerator.unwrap_model(model), tokenizer, out / "final", runtime.backend)
     metrics.close()
     plot_metrics(metrics.path, out / "metrics.png")
     # ---- cleanup
@@ -271,6 +280,15 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     result = FinetuneResult(position.step, last_loss, eval_loss, sum(tail) / max(len(tail), 1), out, exported)
     accelerator.end_training()
     return result
+
+
+def export_final(model, tokenizer, path: Path, backend: str) -> Path:
+    """The trained model as a plain HF checkpoint with its tokenizer (vanilla transformers / vLLM)."""
+    if backend != "hf":
+        return save_pretrained(model, path, tokenizer=tokenizer)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 def _log_start(config: FinetuneConfig, runtime: Runtime, report: DataReport, n_train: int, steps: int,

@@ -24,7 +24,7 @@ class FinetuneConfig:
     output_dir: str = "runs/te-llama"
     """Checkpoints, metrics, plot and the exported HF model (output_dir/final)."""
     backend: str = "auto"
-    """"te", "reference", or "auto" (TE when CUDA and Transformer Engine are present)."""
+    """"te", "reference", "hf" (transformers as is, the baseline), or "auto" (TE when CUDA and TE are present)."""
     precision: str = "auto"
     """"fp32", "bf16", "fp8" (default recipe), "fp8-delayed", "fp8-current", "fp8-block", "mxfp8"; auto = bf16 on GPU, fp32 on CPU."""
     param_dtype: str = "auto"
@@ -67,6 +67,7 @@ class FinetuneConfig:
     """Stop (with a checkpoint) after this many steps of this run, schedule unchanged; resume later."""
     eval_every: int = 100
     save_every: int = 500
+    """Training checkpoint every N steps and at the end (0 = none: only the final HF export)."""
     keep_last: int = 2
     """Checkpoints kept (older ones deleted after a newer one is complete)."""
     resume: bool = False
