@@ -51,6 +51,19 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from .bench import BenchSettings, run_bench
+    from .bench.report import render_table
+
+    settings = BenchSettings(preset=args.preset, batch=args.batch, seq=args.seq, steps=args.steps,
+                             warmup=args.warmup, seed=args.seed)
+    report = run_bench(args.variants, settings, args.out, timeout_s=args.timeout)
+    print(render_table(report))
+    if args.out:
+        print(f"reports (JSON, Markdown, PNG) in {args.out}")
+    return 0 if any(r["status"] == "ok" for r in report["results"]) else 1
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per FinetuneConfig field (--max-seq-len ...); unset flags stay None."""
     hints = get_type_hints(FinetuneConfig)
@@ -79,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--config", default=None, help="YAML or TOML file with FinetuneConfig options")
     _add_config_flags(tune)
     tune.set_defaults(func=_finetune)
+
+    from .bench.variants import DEFAULT_VARIANTS
+
+    bench = sub.add_parser("bench", help="training step time of te-llama vs HF, torch.compile, Liger, torchao")
+    bench.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
+                       help="hf hf-compile hf-liger hf-torchao-fp8 te-bf16 te-fp8 te-fp8-delayed "
+                            "te-fp8-current te-fp8-block te-mxfp8 reference hf-cpu")
+    bench.add_argument("--preset", default="llama2-7b", help="a preset name or a local HF checkpoint/config dir")
+    bench.add_argument("--batch", type=int, default=8)
+    bench.add_argument("--seq", type=int, default=256)
+    bench.add_argument("--steps", type=int, default=10, help="timed steps")
+    bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--out", default=None, help="folder for JSON, Markdown and PNG reports")
+    bench.add_argument("--timeout", type=float, default=900, help="seconds per variant")
+    bench.set_defaults(func=_bench)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 from transformers import LlamaConfig, MistralConfig, PretrainedConfig, Qwen2Config
 
@@ -39,7 +40,11 @@ PRESETS: dict[str, Callable[[], PretrainedConfig]] = {
 
 
 def preset_config(name: str) -> PretrainedConfig:
-    """A fresh HF config for a named shape (random weights are made from it, no download)."""
+    """A fresh HF config for a named shape, or read from a local checkpoint/config directory."""
+    if name not in PRESETS and Path(name, "config.json").is_file():
+        from transformers import AutoConfig
+
+        return AutoConfig.from_pretrained(name)
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]()

@@ -1,0 +1,134 @@
+"""One variant, one process: build, warm up, time training steps, print one JSON result.
+
+    python -m te_llama.bench.measure '{"variant": "te-bf16", "preset": "llama2-7b", ...}'
+
+Timing: CUDA events around each step (forward, backward, AdamW step, zero_grad), after the
+warm-up steps; median and spread over the timed steps. The token batches come from a seeded
+generator (never zeros) and are the same for every variant.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ..precision import autocast
+from ..presets import preset_config
+from .variants import VARIANTS, prepare
+
+DENSE_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4,
+                          "A100": 312.0}
+
+
+@dataclass
+class BenchSettings:
+    preset: str = "llama2-7b"
+    batch: int = 8
+    seq: int = 256
+    steps: int = 10
+    warmup: int = 3
+    seed: int = 0
+    distinct_batches: int = 4
+
+
+@dataclass
+class BenchResult:
+    variant: str
+    status: str
+    """"ok", "skipped" or "failed"."""
+    reason: str | None = None
+    median_ms: float | None = None
+    p10_ms: float | None = None
+    p90_ms: float | None = None
+    tokens_per_s: float | None = None
+    tflops: float | None = None
+    mfu: float | None = None
+    peak_mem_gib: float | None = None
+    final_loss: float | None = None
+    step_ms: list[float] = field(default_factory=list)
+
+
+def flops_per_token(config, seq: int) -> float:
+    """Training FLOPs per token: 6 x matmul params (embeddings excluded, lm_head included)
+    plus causal attention, 6 x layers x seq x (heads x head_dim) (QK^T and AV, fwd + 2x bwd, half masked)."""
+    h, layers = config.hidden_size, config.num_hidden_layers
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
+    matmul_params = layers * per_layer + h * config.vocab_size
+    return 6 * matmul_params + 6 * layers * seq * q
+
+
+def token_batches(settings: BenchSettings, vocab: int, device) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(settings.seed)
+    return [torch.randint(0, vocab, (settings.batch, settings.seq), generator=gen).to(device)
+            for _ in range(settings.distinct_batches)]
+
+
+def peak_tflops(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
+    variant = VARIANTS[variant_name]
+    cuda = "cuda" in variant.needs
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    config = preset_config(settings.preset)
+    torch.manual_seed(settings.seed)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model = prepare(variant, model).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+    batches = token_batches(settings, config.vocab_size, device)
+    times, losses = [], []
+    for step in range(settings.warmup + settings.steps):
+        ids = batches[step % len(batches)]
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
+        with autocast(variant.precision):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            end.record()
+            torch.cuda.synchronize()
+            elapsed = start.elapsed_time(end)
+        else:
+            elapsed = 1000 * (time.perf_counter() - t0)
+        losses.append(float(loss.detach()))
+        if step >= settings.warmup:
+            times.append(elapsed)
+    ordered = sorted(times)
+    median = ordered[len(ordered) // 2]
+    tokens_per_s = settings.batch * settings.seq / (median / 1000)
+    tflops = tokens_per_s * flops_per_token(config, settings.seq) / 1e12
+    peak = peak_tflops(device)
+    return BenchResult(
+        variant_name, "ok", median_ms=median, p10_ms=ordered[len(ordered) // 10],
+        p90_ms=ordered[min(len(ordered) - 1, (9 * len(ordered)) // 10)], tokens_per_s=tokens_per_s,
+        tflops=tflops, mfu=tflops / peak if peak else None,
+        peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        final_loss=losses[-1], step_ms=times)
+
+
+def main() -> None:
+    request = json.loads(sys.argv[1])
+    settings = BenchSettings(**request["settings"])
+    print(json.dumps(asdict(measure(request["variant"], settings))))
+
+
+if __name__ == "__main__":
+    main()

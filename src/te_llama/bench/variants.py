@@ -1,0 +1,100 @@
+"""The models compared by `te-llama bench`: what each variant is, and whether it can run here.
+
+Each variant turns the same HF model (same preset, same random weights by seed) into what a
+user would train: transformers as is, under torch.compile, with Liger Kernel, with torchao
+float8 + compile, or converted by te-llama (TE in BF16 / FP8 recipes, or the CPU reference).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from ..precision import FP8_PRECISIONS
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    description: str
+    needs: tuple[str, ...]
+    """Requirements: "cuda", "te", "fp8", or Python module names."""
+    precision: str = "bf16"
+    """What te_llama.autocast runs the step under ("fp32" for the CPU reference)."""
+
+
+def _te_variant(precision: str) -> Variant:
+    return Variant(f"te-{precision}", f"te-llama TE layers, {precision}", ("cuda", "te", "fp8"), precision)
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in [
+    Variant("hf", "transformers as is (SDPA attention), BF16", ("cuda",)),
+    Variant("hf-compile", "transformers under torch.compile, BF16", ("cuda",)),
+    Variant("hf-liger", "transformers with Liger Kernel (fused RMSNorm/RoPE/SwiGLU/linear-CE), BF16",
+            ("cuda", "liger_kernel")),
+    Variant("hf-torchao-fp8", "transformers with torchao float8 training + torch.compile",
+            ("cuda", "torchao")),
+    Variant("te-bf16", "te-llama TE layers, BF16", ("cuda", "te")),
+    *[_te_variant(p) for p in FP8_PRECISIONS],
+    Variant("reference", "te-llama reference layers (pure PyTorch), float32 on CPU", (), "fp32"),
+    Variant("hf-cpu", "transformers as is, float32 on CPU (harness checks)", (), "fp32"),
+]}
+DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-bf16", "te-fp8")
+
+
+def unavailable_reason(variant: Variant) -> str | None:
+    """Why a variant cannot run on this machine, or None."""
+    for need in variant.needs:
+        if need == "cuda" and not torch.cuda.is_available():
+            return "no CUDA GPU"
+        if need == "te" and importlib.util.find_spec("transformer_engine") is None:
+            return "Transformer Engine not installed"
+        if need == "fp8" and variant.precision in FP8_PRECISIONS:
+            try:
+                from ..precision import check_precision_available
+
+                check_precision_available(variant.precision)
+            except Exception as exc:  # noqa: BLE001 - the reason is what we report
+                return str(exc)
+        if need not in ("cuda", "te", "fp8") and importlib.util.find_spec(need) is None:
+            return f"{need} not installed"
+    return None
+
+
+def select(names: list[str]) -> list[Variant]:
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {sorted(VARIANTS)}")
+    return [VARIANTS[n] for n in names]
+
+
+def _apply_liger(model):
+    from liger_kernel.transformers import _apply_liger_kernel_to_instance
+
+    _apply_liger_kernel_to_instance(model=model)
+    return model
+
+
+def _apply_torchao_fp8(model):
+    from torchao.float8 import convert_to_float8_training
+
+    # torchao's recipe: every decoder linear in float8, the lm_head kept in BF16; then compile.
+    convert_to_float8_training(model, module_filter_fn=lambda module, fqn: "lm_head" not in fqn)
+    return torch.compile(model)
+
+
+def prepare(variant: Variant, model) -> torch.nn.Module:
+    """The HF model as this variant trains it."""
+    from ..convert import convert
+
+    prepare_fn: dict[str, Callable] = {
+        "hf": lambda m: m, "hf-cpu": lambda m: m, "hf-compile": torch.compile,
+        "hf-liger": _apply_liger, "hf-torchao-fp8": _apply_torchao_fp8,
+        "reference": lambda m: convert(m, backend="reference", fuse_qkv=True),
+    }
+    if variant.name.startswith("te-"):
+        return convert(model, backend="te", fuse_qkv=True)
+    return prepare_fn[variant.name](model)

@@ -1,0 +1,83 @@
+"""The bench harness on the CPU: variant selection, skipping, result schema, reports."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from te_llama.bench import BenchResult, BenchSettings, run_bench
+from te_llama.bench import _run_variant
+from te_llama.bench.measure import flops_per_token
+from te_llama.bench.report import render_table, speedups
+from te_llama.bench.variants import VARIANTS, select, unavailable_reason
+from te_llama.presets import preset_config
+
+TINY = BenchSettings(preset="tiny-llama", batch=2, seq=32, steps=2, warmup=1)
+
+
+def test_unknown_variant_is_named() -> None:
+    with pytest.raises(ValueError, match=r"unknown variant\(s\) \['hf-turbo'\]"):
+        select(["hf", "hf-turbo"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU skip reason")
+def test_gpu_variants_are_skipped_with_the_reason(tmp_path) -> None:
+    report = run_bench(["hf-cpu", "reference", "te-bf16", "hf-torchao-fp8"], TINY, tmp_path, progress=lambda _: None)
+    by_name = {r["variant"]: r for r in report["results"]}
+    assert by_name["te-bf16"] == {**by_name["te-bf16"], "status": "skipped", "reason": "no CUDA GPU"}
+    assert by_name["hf-torchao-fp8"]["status"] == "skipped"
+    assert by_name["hf-cpu"]["status"] == by_name["reference"]["status"] == "ok"
+
+
+def test_missing_library_is_a_skip_reason(monkeypatch) -> None:
+    import te_llama.bench.variants as variants
+
+    real = variants.importlib.util.find_spec
+    monkeypatch.setattr(variants.importlib.util, "find_spec", lambda n: None if n == "liger_kernel" else real(n))
+    monkeypatch.setattr(variants.torch.cuda, "is_available", lambda: True)
+    assert unavailable_reason(VARIANTS["hf-liger"]) == "liger_kernel not installed"
+
+
+def test_result_schema_reports_and_same_loss_on_same_weights(tmp_path) -> None:
+    report = run_bench(["hf-cpu", "reference"], TINY, tmp_path, progress=lambda _: None)
+    assert set(report) == {"settings", "environment", "results"}
+    assert report["environment"]["torch"] == torch.__version__
+    for row in report["results"]:
+        assert set(row) == {f.name for f in fields(BenchResult)}
+        assert row["median_ms"] > 0 and len(row["step_ms"]) == TINY.steps and row["tokens_per_s"] > 0
+    hf, ref = report["results"]
+    assert ref["final_loss"] == pytest.approx(hf["final_loss"], rel=1e-4)  # same weights, same batches
+    stem = "bench-tiny-llama-b2-s32"
+    assert json.loads((tmp_path / f"{stem}.json").read_text())["settings"]["seq"] == 32
+    assert "| reference |" in (tmp_path / f"{stem}.md").read_text()
+    assert (tmp_path / f"{stem}.png").stat().st_size > 0
+
+
+def test_a_variant_that_fails_is_reported_not_raised() -> None:
+    result = _run_variant("hf-cpu", TINY, timeout_s=0.01)
+    assert result.status == "failed" and "timed out" in result.reason
+
+
+def test_table_shows_speedups_over_hf_and_skips() -> None:
+    ok = {f.name: None for f in fields(BenchResult)} | {"status": "ok", "p10_ms": 1.0, "p90_ms": 2.0,
+                                                          "tokens_per_s": 1.0, "tflops": 1.0, "final_loss": 1.0}
+    report = {"settings": {"preset": "p", "batch": 1, "seq": 2, "steps": 3, "warmup": 1}, "environment": {},
+              "results": [ok | {"variant": "hf", "median_ms": 200.0}, ok | {"variant": "te-fp8", "median_ms": 100.0},
+                          {**ok, "variant": "hf-liger", "status": "skipped", "reason": "liger_kernel not installed"}]}
+    assert speedups(report["results"]) == {"hf": 1.0, "te-fp8": 2.0}
+    table = render_table(report)
+    assert "2.00x" in table and "skipped: liger_kernel not installed" in table
+    assert render_table(report, markdown=True).count("\n| ") == 4  # header + 3 rows
+
+
+def test_flop_count_matches_the_model_parameters() -> None:
+    config = preset_config("tiny-llama")
+    model = AutoModelForCausalLM.from_config(config)
+    matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
+    head_width = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+    attention = 6 * config.num_hidden_layers * 256 * head_width
+    assert flops_per_token(config, 256) == 6 * matmul + attention
