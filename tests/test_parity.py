@@ -103,3 +103,18 @@ def test_te_only_zero_biases_are_frozen() -> None:
     assert not params["model.layers.0.self_attention.proj.bias"].requires_grad
     assert not params["model.layers.0.layernorm_mlp.fc1_bias"].requires_grad
     assert params["model.layers.0.self_attention.layernorm_qkv.query_bias"].requires_grad
+
+
+def test_layout_given_by_cu_seqlens_equals_the_one_from_position_ids() -> None:
+    """HF's packed kwargs (cu_seq_lens_q, max_length_q) give the same result without a device sync."""
+    from te_llama.batching import collate_packed
+
+    hf = random_hf_model("llama3.1-gqa-llama3-rope")
+    ours = te_llama.convert(hf, backend="reference")
+    gen = torch.Generator().manual_seed(4)
+    docs = [{"input_ids": torch.randint(0, 128, (n,), generator=gen).tolist()} for n in (5, 11, 3)]
+    docs = [d | {"labels": d["input_ids"]} for d in docs]
+    plain, told = collate_packed(docs).inputs, collate_packed(docs, with_cu_seqlens=True).inputs
+    assert told["cu_seq_lens_q"].tolist() == [0, 5, 16, 19] and told["max_length_q"] == 11
+    with torch.no_grad():
+        torch.testing.assert_close(ours(**told).logits, ours(**plain).logits, rtol=0, atol=0)

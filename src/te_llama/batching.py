@@ -31,16 +31,25 @@ class Batch:
     """Positions the model computes on, padding included."""
 
 
-def collate_packed(examples: Sequence[dict]) -> Batch:
-    """One row (1, T): the examples back to back, position ids restarting per example."""
-    ids, labels, positions = [], [], []
+def collate_packed(examples: Sequence[dict], with_cu_seqlens: bool = False) -> Batch:
+    """One row (1, T): the examples back to back, position ids restarting per example.
+
+    with_cu_seqlens adds HF's packed-sequence kwargs (`cu_seq_lens_q/k`, `max_length_q/k`),
+    computed here on the host, so te-llama layers need no device synchronization per step.
+    """
+    ids, labels, positions, bounds = [], [], [], [0]
     for example in examples:
         n = len(example["input_ids"])
         ids += example["input_ids"]
         labels += [IGNORE_INDEX] + list(example["labels"][1:])  # never predict across examples
         positions += range(n)
+        bounds.append(bounds[-1] + n)
     inputs = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
               "position_ids": torch.tensor([positions])}
+    if with_cu_seqlens:
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
+        inputs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
     return Batch(inputs, real_tokens=len(ids), padded_tokens=len(ids))
 
 

