@@ -56,7 +56,8 @@ def _bench(args: argparse.Namespace) -> int:
     from .bench.report import render_table
 
     settings = BenchSettings(preset=args.preset, batch=args.batch, seq=args.seq, steps=args.steps,
-                             warmup=args.warmup, seed=args.seed)
+                             warmup=args.warmup, seed=args.seed, sync_each_step=args.sync_each_step,
+                             layout_kwargs=args.layout_kwargs)
     report = run_bench(args.variants, settings, args.out, timeout_s=args.timeout)
     print(render_table(report))
     if args.out:
@@ -106,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", default=None, help="folder for JSON, Markdown and PNG reports")
+    bench.add_argument("--sync-each-step", action=argparse.BooleanOptionalAction, default=True,
+                       help="read the loss after every step (default), or queue steps back to back")
+    bench.add_argument("--layout-kwargs", action=argparse.BooleanOptionalAction, default=False,
+                       help="give te-llama layers cu_seq_lens up front (no host sync in the layers)")
     bench.add_argument("--timeout", type=float, default=900, help="seconds per variant")
     bench.set_defaults(func=_bench)
     return parser

@@ -3,9 +3,9 @@
     python -m te_llama.bench.measure '{"variant": "te-bf16", "preset": "llama2-7b", ...}'
 
 Timing: CUDA events around each step (forward, backward, AdamW step, zero_grad), after the
-warm-up steps; median and spread over the timed steps. Steps are queued back to back with no
-host synchronization in between (losses are read at the end), as a training loop that logs
-asynchronously runs; every variant is timed the same way. The token batches come from a seeded
+warm-up steps; median and spread over the timed steps. By default the loss is read after each
+step (a host sync, as a loop that logs every step does); `sync_each_step=False` queues steps
+back to back. Every variant is timed the same way. The token batches come from a seeded
 generator (never zeros) and are the same for every variant.
 """
 
@@ -36,6 +36,10 @@ class BenchSettings:
     warmup: int = 3
     seed: int = 0
     distinct_batches: int = 4
+    sync_each_step: bool = True
+    """Read the loss (a host sync) after every step, as a loop that logs each step does."""
+    layout_kwargs: bool = False
+    """Give te-llama layers the packed layout up front (cu_seq_lens_q), sparing their host sync."""
 
 
 @dataclass
@@ -97,7 +101,8 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     model = prepare(variant, model).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
     batches = token_batches(settings, config.vocab_size, device)
-    extra = packed_layout_kwargs(settings, device) if variant.name.startswith(("te-", "reference")) else {}
+    ours = variant.name.startswith(("te-", "reference"))
+    extra = packed_layout_kwargs(settings, device) if ours and settings.layout_kwargs else {}
     times, losses, events = [], [], []
     for step in range(settings.warmup + settings.steps):
         ids = batches[step % len(batches)]
@@ -111,10 +116,12 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())  # read at the end: no host sync between steps
+        losses.append(loss.detach())
         if cuda:
             end.record()
             events.append((start, end))
+            if settings.sync_each_step:
+                float(losses[-1])
         else:
             times.append(1000 * (time.perf_counter() - t0))
     if cuda:
