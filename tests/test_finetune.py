@@ -233,3 +233,22 @@ def test_hf_baseline_backend_runs_and_exports(tmp_path) -> None:
     result = run(tmp_path, backend="hf", packing=False, max_steps=3, save_every=0)
     assert result.steps == 3 and not (result.output_dir / "checkpoints").exists()
     assert AutoModelForCausalLM.from_pretrained(result.exported) is not None
+
+
+def test_activation_checkpointing_recomputes_layers() -> None:
+    from te_llama.finetune import FinetuneConfig, Runtime, load_model_and_tokenizer
+
+    runtime = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
+    model, _ = load_model_and_tokenizer(FinetuneConfig(activation_checkpointing=True), runtime)
+    calls = []
+    model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    ids = torch.randint(0, 500, (1, 20))
+    model(ids, labels=ids).loss.backward()
+    assert len(calls) == 2  # forward, then the recompute in backward
+
+
+def test_activation_checkpointing_gives_the_same_losses(tmp_path) -> None:
+    plain = run(tmp_path, "plain", max_steps=3, save_every=0)
+    recomputed = run(tmp_path, "recomputed", max_steps=3, save_every=0, activation_checkpointing=True)
+    want, got = train_losses(plain.output_dir), train_losses(recomputed.output_dir)
+    assert got == pytest.approx(want, rel=1e-5)
