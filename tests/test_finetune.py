@@ -241,7 +241,7 @@ def test_activation_checkpointing_recomputes_layers() -> None:
     runtime = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
     model, _ = load_model_and_tokenizer(FinetuneConfig(activation_checkpointing=True), runtime)
     calls = []
-    model.model.layers[0].register_forward_hook(lambda *_: calls.append(1))
+    model.model.layers[0].register_forward_pre_hook(lambda *_: calls.append(1))  # recompute stops early: no post-hook
     ids = torch.randint(0, 500, (1, 20))
     model(ids, labels=ids).loss.backward()
     assert len(calls) == 2  # forward, then the recompute in backward
