@@ -88,16 +88,22 @@ def resolve_runtime(config: FinetuneConfig) -> Runtime:
     return Runtime(device, backend, precision, getattr(torch, dtype_name))
 
 
-def prepare_output_dir(config: FinetuneConfig) -> Path:
-    """Refuse to mix runs: a different run in output_dir needs --resume or --overwrite."""
+def prepare_output_dir(config: FinetuneConfig, world: int = 1) -> Path:
+    """Refuse to mix runs: a different run in output_dir needs --resume or --overwrite.
+
+    A resumed run may use another number of processes if grad_accum x processes (the global
+    batch) stays the same.
+    """
     out = Path(config.output_dir)
     saved = out / RUN_CONFIG
     if config.resume:
         if not saved.is_file():
             raise RunDirectoryError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing)")
         previous = json.loads(saved.read_text())
+        global_batch = previous.get("grad_accum", 1) * previous.get("world_size", 1)
         changed = sorted(k for k, v in asdict(config).items()
-                         if k not in RESUME_FREE_FIELDS and previous.get(k) != v)
+                         if k not in RESUME_FREE_FIELDS and previous.get(k) != v
+                         and not (k == "grad_accum" and v * world == global_batch))
         if changed:
             diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
             raise RunDirectoryError(f"--resume: the run in {out} was started with other settings ({diffs}); "
@@ -110,7 +116,7 @@ def prepare_output_dir(config: FinetuneConfig) -> Path:
                                     "to replace it, or choose another --output-dir")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved)
+    save_config(config, saved, world_size=world)
     return out
 
 
@@ -160,19 +166,26 @@ class BatchSource:
             return collate_packed(examples, with_cu_seqlens=self.with_cu_seqlens)
         return collate_padded(examples, self.pad_token_id)
 
-    def next(self, position: Position) -> Batch:
-        """The micro-batch at `position`, advancing it (and the epoch when one is used up)."""
-        if position.batch_in_epoch >= len(self.plan(position.epoch)):
-            position.epoch, position.batch_in_epoch = position.epoch + 1, 0
-        batch = self.batch(self.plan(position.epoch)[position.batch_in_epoch])
-        position.batch_in_epoch += 1
-        return batch
+    def next(self, position: Position, rank: int = 0, world: int = 1) -> Batch:
+        """This rank's micro-batch of the next `world` ones in the global order, advancing `position`.
+
+        Every rank walks the same global sequence of micro-batches; the data position is
+        global, so a run can resume with a different number of processes.
+        """
+        chosen = None
+        for index in range(world):
+            if position.batch_in_epoch >= len(self.plan(position.epoch)):
+                position.epoch, position.batch_in_epoch = position.epoch + 1, 0
+            if index == rank:
+                chosen = self.plan(position.epoch)[position.batch_in_epoch]
+            position.batch_in_epoch += 1
+        return self.batch(chosen)
 
 
-def total_steps(config: FinetuneConfig, source: BatchSource) -> int:
+def total_steps(config: FinetuneConfig, source: BatchSource, world: int = 1) -> int:
     if config.max_steps is not None:
         return config.max_steps
-    return max(1, config.epochs * math.ceil(len(source.plan(0)) / config.grad_accum))
+    return max(1, config.epochs * math.ceil(len(source.plan(0)) / (config.grad_accum * world)))
 
 
 def evaluate(model, source: BatchSource | None, runtime: Runtime) -> float | None:
@@ -202,50 +215,62 @@ def _truncate_metrics(path: Path, step: int) -> None:
 def finetune(config: FinetuneConfig) -> FinetuneResult:
     # ---- setup
     runtime = resolve_runtime(config)
-    out = prepare_output_dir(config)
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")
+    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    if world > 1 and runtime.device.type == "cuda":
+        runtime.device = accelerator.device
+    out = Path(config.output_dir)
+    if main:
+        prepare_output_dir(config, world)
+    accelerator.wait_for_everyone()
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config, runtime)
     data = config.data or str(asset_path(SAMPLE_TEXT))
     cache_dir = config.cache_dir or str(Path.home() / ".cache" / "te-llama")
-    examples, report = load_examples(data, tokenizer, config.max_seq_len, cache_dir, config.text_field,
-                                     config.assistant_only_loss, config.long_rows, config.on_bad_rows)
-    (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
+    with accelerator.main_process_first():  # the main process tokenizes and caches; the others read it
+        examples, report = load_examples(data, tokenizer, config.max_seq_len, cache_dir, config.text_field,
+                                         config.assistant_only_loss, config.long_rows, config.on_bad_rows)
+    if main:
+        (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
     train_set, eval_set = split_eval(examples, config.eval_fraction, config.seed)
     ours = runtime.backend != "hf"  # te-llama layers take the packed layout from the host
     train = BatchSource(train_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours)
     evals = BatchSource(eval_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours) if eval_set is not None else None
-    steps = total_steps(config, train)
+    steps = total_steps(config, train, world)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   fused=runtime.device.type == "cuda")
     scheduler = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The schedule counts optimizer steps of the global batch, so it stays outside prepare()
+    # (accelerate would step it once per process).
+    model, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_root = out / "checkpoints"
-    sweep_incomplete(ckpt_root)
+    if main:
+        sweep_incomplete(ckpt_root)
     position = Position()
-    metrics = MetricsLog(out, config.tensorboard and accelerator.is_main_process)
+    metrics = MetricsLog(out, config.tensorboard and main) if main else None
     if config.resume:
         found = checkpoints(ckpt_root)
         if not found:
             raise RunDirectoryError(f"--resume: no complete checkpoint in {ckpt_root}")
         position = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
-        _truncate_metrics(metrics.path, position.step)
+        if main:
+            _truncate_metrics(metrics.path, position.step)
         logger.info("resumed from %s (step %d)", found[-1], position.step)
     _log_start(config, runtime, report, len(train_set), steps, position)
 
     # ---- train
     stop_at = min(steps, position.step + config.stop_after_steps) if config.stop_after_steps else steps
     last_loss, eval_loss, speeds = float("nan"), None, []
-    bar = tqdm(total=steps, initial=position.step, desc="finetune", disable=not accelerator.is_main_process)
+    bar = tqdm(total=steps, initial=position.step, desc="finetune", disable=not main)
     while position.step < stop_at:
         start = time.perf_counter()
         loss_sum, real, padded = torch.zeros((), device=runtime.device), 0, 0
         for _ in range(config.grad_accum):
-            batch = train.next(position)
+            batch = train.next(position, rank, world)
             inputs = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
             with autocast(runtime.precision):
                 loss = model(**inputs).loss
@@ -257,28 +282,37 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         position.step += 1
+        if world > 1:  # the global batch's mean loss and token counts
+            counts = accelerator.reduce(torch.tensor([real, padded], device=runtime.device), "sum")
+            loss_sum, (real, padded) = accelerator.reduce(loss_sum, "mean"), counts.tolist()
         last_loss = float(loss_sum) / config.grad_accum  # syncs the device: the step is done
         elapsed = time.perf_counter() - start
         speeds.append(real / elapsed)
-        metrics.log("train", position.step, loss=last_loss, lr=scheduler.get_last_lr()[0],
-                    grad_norm=float(grad_norm) if grad_norm is not None else None, step_ms=1000 * elapsed,
-                    tokens_per_s=real / elapsed, real_tokens=real, padded_tokens=padded, epoch=position.epoch)
+        if main:
+            metrics.log("train", position.step, loss=last_loss, lr=scheduler.get_last_lr()[0],
+                        grad_norm=float(grad_norm) if grad_norm is not None else None, step_ms=1000 * elapsed,
+                        tokens_per_s=real / elapsed, real_tokens=real, padded_tokens=padded, epoch=position.epoch)
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{real / elapsed:,.0f}")
         if evals is not None and (position.step % config.eval_every == 0 or position.step == steps):
             eval_loss = evaluate(model, evals, runtime)
-            metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
+            if main:
+                metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
         if config.save_every > 0 and (position.step % config.save_every == 0 or position.step == stop_at):
-            save_checkpoint(ckpt_root, position, accelerator.unwrap_model(model), optimizer, scheduler,
-                            config.keep_last)
+            if main:  # data-parallel replicas are identical: one copy is the checkpoint
+                save_checkpoint(ckpt_root, position, accelerator.unwrap_model(model), optimizer, scheduler,
+                                config.keep_last)
+            accelerator.wait_for_everyone()
     bar.close()
 
     # ---- save
     exported = None
-    if position.step == steps and accelerator.is_main_process:
+    if position.step == steps and main:
         exported = export_final(accelerator.unwrap_model(model), tokenizer, out / "final", runtime.backend)
-    metrics.close()
-    plot_metrics(metrics.path, out / "metrics.png")
+    if main:
+        metrics.close()
+        plot_metrics(metrics.path, out / "metrics.png")
+    accelerator.wait_for_everyone()
     # ---- cleanup
     tail = speeds[len(speeds) // 5:] or speeds
     result = FinetuneResult(position.step, last_loss, eval_loss, sum(tail) / max(len(tail), 1), out, exported)

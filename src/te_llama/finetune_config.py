@@ -116,8 +116,9 @@ def resolve_config(file: str | Path | None = None, **flags: Any) -> FinetuneConf
     return FinetuneConfig(**(values | from_file | given))
 
 
-def save_config(config: FinetuneConfig, path: Path) -> None:
-    path.write_text(json.dumps(asdict(config), indent=2, sort_keys=True) + "\n")
+def save_config(config: FinetuneConfig, path: Path, world_size: int = 1) -> None:
+    """The resolved config, plus the number of processes the run started with."""
+    path.write_text(json.dumps(asdict(config) | {"world_size": world_size}, indent=2, sort_keys=True) + "\n")
 
 
 # Options that may differ between a run and its resumption without changing its results.
