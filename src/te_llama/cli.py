@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import ast
+import inspect
 import math
+import textwrap
 import sys
 from dataclasses import fields
 from typing import get_type_hints
@@ -65,17 +68,28 @@ def _bench(args: argparse.Namespace) -> int:
     return 0 if any(r["status"] == "ok" for r in report["results"]) else 1
 
 
+def field_docs(cls: type) -> dict[str, str]:
+    """The docstring under each dataclass field (kept in the source, not at run time)."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per FinetuneConfig field (--max-seq-len ...); unset flags stay None."""
-    hints = get_type_hints(FinetuneConfig)
+    hints, docs = get_type_hints(FinetuneConfig), field_docs(FinetuneConfig)
     for field in fields(FinetuneConfig):
         flag = "--" + field.name.replace("_", "-")
         kind = hints[field.name]
+        help_text = f"{docs.get(field.name, '')} (default: {field.default})".replace("%", "%%")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
         base = next((t for t in (int, float, str) if t == kind or t in getattr(kind, "__args__", ())), str)
-        parser.add_argument(flag, type=base, default=None, metavar=field.name.upper())
+        parser.add_argument(flag, type=base, default=None, metavar=field.name.upper(), help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--tolerance", type=float, default=1e-5, help="max relative logits error")
     check.set_defaults(func=_check)
     tune = sub.add_parser("finetune", help="finetune an HF checkpoint (default: the tiny built-in model)",
-                          description="Flags override --config (YAML or TOML); see FinetuneConfig for each option.")
+                          description="Flags override --config (YAML or TOML). Without --model, the embedded default (tiny built-in model, bundled data) sets shorter runs: see BUILTIN_DEFAULTS in finetune_config.py.")
     tune.add_argument("--config", default=None, help="YAML or TOML file with FinetuneConfig options")
     _add_config_flags(tune)
     tune.set_defaults(func=_finetune)
