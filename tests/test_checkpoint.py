@@ -34,6 +34,7 @@ def test_save_pretrained_round_trips_bit_identical(arch: str, fuse_qkv: bool, tm
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert_state_dicts_identical(reloaded.state_dict(), original)
     assert reloaded.config.use_cache is True  # restored for inference users
+    assert reloaded.generation_config.use_cache is not False
 
 
 @pytest.mark.parametrize("shard_bytes", [None, SMALL_SHARD_BYTES], ids=["single-file", "sharded"])

@@ -118,3 +118,14 @@ def test_layout_given_by_cu_seqlens_equals_the_one_from_position_ids() -> None:
     assert told["cu_seq_lens_q"].tolist() == [0, 5, 16, 19] and told["max_length_q"] == 11
     with torch.no_grad():
         torch.testing.assert_close(ours(**told).logits, ours(**plain).logits, rtol=0, atol=0)
+
+
+def test_generation_without_kv_cache_matches_hf_and_with_cache_is_refused() -> None:
+    hf = random_hf_model("llama2-mha")
+    ours = te_llama.convert(copy.deepcopy(hf), backend="reference")
+    prompt = torch.randint(0, 128, (1, 6), generator=torch.Generator().manual_seed(5))
+    want = hf.generate(prompt, max_new_tokens=5, do_sample=False, use_cache=True)
+    got = ours.generate(prompt, max_new_tokens=5, do_sample=False)  # convert set use_cache=False
+    assert torch.equal(got, want)
+    with pytest.raises(NotImplementedError, match="KV cache"):
+        ours.generate(prompt, max_new_tokens=2, do_sample=False, use_cache=True)

@@ -9,6 +9,7 @@ a temporary directory and renames it into place, so a crash never leaves a half 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import shutil
@@ -173,7 +174,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: 
         _export_config(model, dtype).save_pretrained(staging)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
-            generation_config.save_pretrained(staging)
+            exported = copy.deepcopy(generation_config)
+            exported.use_cache = conversion_of(model).generation_use_cache
+            exported.save_pretrained(staging)
         if tokenizer is not None:
             tokenizer.save_pretrained(staging)
         if len(set(weight_map.values())) > 1:

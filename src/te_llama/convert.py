@@ -32,6 +32,8 @@ class Conversion:
     fuse_qkv: bool
     use_cache: bool
     """The config's original `use_cache`, restored in exported checkpoints."""
+    generation_use_cache: bool | None = None
+    """The generation config's original `use_cache` (None: the model has none)."""
 
 
 def conversion_of(model: nn.Module) -> Conversion:
@@ -97,8 +99,12 @@ def install_layers(model: nn.Module, backend: str, fuse_qkv: bool,
             load_layer_weights(new, source_tensors(index, old), spec, fuse_qkv, where=f"model.layers.{index}.")
         layers[index] = new
         del old
-    setattr(model, CONVERSION_ATTR, Conversion(spec, backend, fuse_qkv, bool(model.config.use_cache)))
-    model.config.use_cache = False  # our layers keep no KV cache
+    generation = getattr(model, "generation_config", None)
+    setattr(model, CONVERSION_ATTR, Conversion(spec, backend, fuse_qkv, bool(model.config.use_cache),
+                                               generation.use_cache if generation is not None else None))
+    model.config.use_cache = False  # our layers keep no KV cache; generate() recomputes instead
+    if generation is not None:
+        generation.use_cache = False
     return model
 
 

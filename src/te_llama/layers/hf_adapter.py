@@ -34,10 +34,11 @@ class HFDecoderAdapter(GradientCheckpointingLayer):
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values: Any = None,
                 cu_seq_lens_q: torch.Tensor | None = None, max_length_q: int | None = None,
-                **_: Any) -> torch.Tensor:
+                cache: Any = None, **_: Any) -> torch.Tensor:
         """`cu_seq_lens_q` / `max_length_q` (HF's packed-sequence kwargs), when the caller gives
         them, describe the flattened (b*s) tokens directly and spare a device synchronization."""
-        if past_key_values is not None and past_key_values.get_seq_length() > 0:
+        cache = past_key_values if past_key_values is not None else cache  # its name in newer transformers
+        if cache is not None:  # a cache we would not fill would make generation silently wrong
             raise NotImplementedError(
                 "te-llama layers do not keep a KV cache; generate with use_cache=False, or export "
                 "with te_llama.save_pretrained and generate with vanilla transformers or vLLM"
