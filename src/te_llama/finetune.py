@@ -139,8 +139,11 @@ def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime) -> tuple[
                             "(padding mode needs one) or use --packing")
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token: using eos %r (pad positions carry no loss)", tokenizer.eos_token)
-    if config.activation_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.activation_checkpointing:  # renamed in newer transformers; same switch
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train(), tokenizer
 
 
