@@ -1,4 +1,4 @@
-"""Data parallel through accelerate, 2 CPU processes on gloo (torchrun), reference backend."""
+"""Several CPU processes on gloo (torchrun), reference backend: DDP through accelerate, FSDP2."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from te_llama.metrics import read_metrics
 
@@ -21,10 +22,10 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def finetune(tmp_path, out: str, processes: int, *flags: str) -> dict[int, float]:
+def finetune(tmp_path, out: str, processes: int, *flags: str, launcher: bool = False) -> dict[int, float]:
     args = ["-m", "te_llama", "finetune", "--output-dir", str(tmp_path / out),
             *[a.format(cache=tmp_path / "cache") for a in COMMON], *flags]
-    if processes > 1:
+    if processes > 1 or launcher:
         args = ["-m", "torch.distributed.run", "--nproc_per_node", str(processes), "--master_addr", "127.0.0.1",
                 "--master_port", str(_free_port()), *args]
     env = os.environ | {"OMP_NUM_THREADS": "1"}
@@ -47,3 +48,39 @@ def test_resume_with_a_different_number_of_processes(tmp_path) -> None:
     resumed = finetune(tmp_path, "moved", 1, "--grad-accum", "2", "--resume")  # same global batch
     for step in range(1, 7):
         assert resumed[step] == pytest.approx(single[step], rel=1e-5), step
+
+
+def test_fsdp2_matches_one_process_and_exports_one_hf_checkpoint(tmp_path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    single = finetune(tmp_path, "single", 1, "--grad-accum", "2")
+    sharded = finetune(tmp_path, "fsdp2", 2, "--grad-accum", "1", "--parallel", "fsdp2")
+    for step, loss in single.items():
+        assert sharded[step] == pytest.approx(loss, rel=1e-5), step
+    assert len(list((tmp_path / "fsdp2" / "checkpoints" / "step-00000006").glob("*.distcp"))) == 2  # one per rank
+    want = AutoModelForCausalLM.from_pretrained(tmp_path / "single" / "final").state_dict()
+    got = AutoModelForCausalLM.from_pretrained(tmp_path / "fsdp2" / "final").state_dict()
+    assert set(got) == set(want)
+    for name, tensor in want.items():
+        torch.testing.assert_close(got[name], tensor, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_fsdp2_resumes_sharded_checkpoint_on_another_process_count(tmp_path) -> None:
+    single = finetune(tmp_path, "single", 1, "--grad-accum", "2")
+    finetune(tmp_path, "moved", 2, "--grad-accum", "1", "--parallel", "fsdp2", "--stop-after-steps", "3")
+    resumed = finetune(tmp_path, "moved", 1, "--grad-accum", "2", "--parallel", "fsdp2", "--resume", launcher=True)
+    for step in range(1, 7):
+        assert resumed[step] == pytest.approx(single[step], rel=1e-5), step
+
+
+def test_fsdp2_with_activation_checkpointing(tmp_path) -> None:
+    plain = finetune(tmp_path, "plain", 2, "--parallel", "fsdp2")
+    recomputed = finetune(tmp_path, "ac", 2, "--parallel", "fsdp2", "--activation-checkpointing")
+    assert recomputed == pytest.approx(plain, rel=1e-5)
+
+
+def test_fsdp2_without_a_distributed_launch_is_a_clear_error(tmp_path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "te_llama", "finetune", "--output-dir", str(tmp_path / "x"),
+                           "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1", "--parallel", "fsdp2"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and "te-llama: error: --parallel fsdp2 needs a distributed launch" in proc.stderr

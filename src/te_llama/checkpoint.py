@@ -135,18 +135,25 @@ def _rebuild_rotary(model: nn.Module, config: Any, device: torch.device) -> None
         base.rotary_emb = type(rotary)(config=config).to(device)
 
 
-def hf_state_dict_by_layer(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
-    """The converted model's weights in HF names, produced one decoder layer at a time."""
+def hf_state_dict_by_layer(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+                           ) -> Iterator[tuple[str, torch.Tensor]]:
+    """The converted model's weights in HF names, produced one decoder layer at a time.
+
+    `state_dict` (a full TE-layout state dict, e.g. gathered from FSDP2 shards) replaces the
+    model's own tensors when given.
+    """
     info = conversion_of(model)
-    layers = decoder_layers(model)
-    for name, tensor in model.state_dict().items():
+    full = state_dict if state_dict is not None else model.state_dict()
+    for name, tensor in full.items():
         if split_layer_key(name) is None and not name.endswith("_extra_state"):
             if info.spec.tie_word_embeddings and name == "lm_head.weight":
                 continue  # HF stores tied weights once
             yield name, tensor
-    for index, layer in enumerate(layers):
+    for index, layer in enumerate(decoder_layers(model)):
         prefix = f"{LAYER_PREFIX}{index}."
-        for local, tensor in te_layer_to_hf(layer.state_dict(), info.spec, info.fuse_qkv, where=prefix).items():
+        own = layer.state_dict() if state_dict is None else \
+            {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        for local, tensor in te_layer_to_hf(own, info.spec, info.fuse_qkv, where=prefix).items():
             yield prefix + local, tensor
 
 
@@ -160,17 +167,18 @@ def _export_config(model: nn.Module, dtype: torch.dtype):
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                    tokenizer: Any = None) -> Path:
+                    tokenizer: Any = None, state_dict: dict[str, torch.Tensor] | None = None) -> Path:
     """Write an HF-layout checkpoint that plain `AutoModelForCausalLM.from_pretrained` loads.
 
     Written to a temporary sibling directory and renamed into place; an existing checkpoint
-    at `path` is replaced only once the new one is complete. A tokenizer given is saved with it.
+    at `path` is replaced only once the new one is complete. A tokenizer given is saved with it;
+    `state_dict` (full, TE layout) overrides the model's own tensors, for sharded models.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        weight_map, total_bytes, dtype = _write_shards(model, staging, max_shard_bytes)
+        weight_map, total_bytes, dtype = _write_shards(model, staging, max_shard_bytes, state_dict)
         _export_config(model, dtype).save_pretrained(staging)
         generation_config = getattr(model, "generation_config", None)
         if generation_config is not None:
@@ -189,7 +197,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: 
     return path
 
 
-def _write_shards(model: nn.Module, staging: Path, max_shard_bytes: int) -> tuple[dict[str, str], int, torch.dtype]:
+def _write_shards(model: nn.Module, staging: Path, max_shard_bytes: int,
+                  state_dict: dict[str, torch.Tensor] | None = None) -> tuple[dict[str, str], int, torch.dtype]:
     """Stream HF tensors into safetensors files of at most `max_shard_bytes` (one shard in memory)."""
     current: dict[str, torch.Tensor] = {}
     current_bytes, total, dtype = 0, 0, None
@@ -201,7 +210,7 @@ def _write_shards(model: nn.Module, staging: Path, max_shard_bytes: int) -> tupl
         save_file(current, str(name), metadata={"format": "pt"})
         written.append(name)
 
-    for name, tensor in hf_state_dict_by_layer(model):
+    for name, tensor in hf_state_dict_by_layer(model, state_dict):
         size = tensor.numel() * tensor.element_size()
         if current and current_bytes + size > max_shard_bytes:
             flush()

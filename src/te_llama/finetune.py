@@ -28,6 +28,15 @@ from .data import DataError, DataReport, load_examples, split_eval
 from .errors import TeLlamaError
 from .finetune_config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
 from .metrics import MetricsLog, plot_metrics, read_metrics
+from .parallel import (
+    PARALLEL_MODES,
+    full_state_dict,
+    grad_norm_value,
+    load_sharded_checkpoint,
+    require_process_group,
+    save_sharded_checkpoint,
+    shard_fsdp2,
+)
 from .precision import FP8_PRECISIONS, PRECISIONS, autocast, check_precision_available
 from .training_state import Position, checkpoints, load_checkpoint, save_checkpoint, sweep_incomplete
 
@@ -241,6 +250,12 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     evals = BatchSource(eval_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours) if eval_set is not None else None
     steps = total_steps(config, train, world)
 
+    fsdp = config.parallel == "fsdp2"
+    if config.parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel={config.parallel!r} is unknown; choose one of {PARALLEL_MODES}")
+    if fsdp:
+        require_process_group("fsdp2")
+        model = shard_fsdp2(model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
                                   fused=runtime.device.type == "cuda")
@@ -248,7 +263,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                               optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
     # The schedule counts optimizer steps of the global batch, so it stays outside prepare()
     # (accelerate would step it once per process).
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if not fsdp:
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     ckpt_root = out / "checkpoints"
     if main:
@@ -259,7 +275,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         found = checkpoints(ckpt_root)
         if not found:
             raise RunDirectoryError(f"--resume: no complete checkpoint in {ckpt_root}")
-        position = load_checkpoint(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
+        load_state = load_sharded_checkpoint if fsdp else load_checkpoint
+        position = load_state(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
         if main:
             _truncate_metrics(metrics.path, position.step)
         logger.info("resumed from %s (step %d)", found[-1], position.step)
@@ -280,7 +297,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             accelerator.backward(loss / config.grad_accum)
             loss_sum += loss.detach()
             real, padded = real + batch.real_tokens, padded + batch.padded_tokens
-        grad_norm = accelerator.clip_grad_norm_(params, config.max_grad_norm) if config.max_grad_norm > 0 else None
+        grad_norm = None
+        if config.max_grad_norm > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if fsdp else \
+                accelerator.clip_grad_norm_(params, config.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -293,7 +313,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         speeds.append(real / elapsed)
         if main:
             metrics.log("train", position.step, loss=last_loss, lr=scheduler.get_last_lr()[0],
-                        grad_norm=float(grad_norm) if grad_norm is not None else None, step_ms=1000 * elapsed,
+                        grad_norm=grad_norm_value(grad_norm) if grad_norm is not None else None,
+                        step_ms=1000 * elapsed,
                         tokens_per_s=real / elapsed, real_tokens=real, padded_tokens=padded, epoch=position.epoch)
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{real / elapsed:,.0f}")
@@ -302,7 +323,9 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             if main:
                 metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
         if config.save_every > 0 and (position.step % config.save_every == 0 or position.step == stop_at):
-            if main:  # data-parallel replicas are identical: one copy is the checkpoint
+            if fsdp:  # every rank writes its shards
+                save_sharded_checkpoint(ckpt_root, position, model, optimizer, scheduler, config.keep_last)
+            elif main:  # data-parallel replicas are identical: one copy is the checkpoint
                 save_checkpoint(ckpt_root, position, accelerator.unwrap_model(model), optimizer, scheduler,
                                 config.keep_last)
             accelerator.wait_for_everyone()
@@ -310,8 +333,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
 
     # ---- save
     exported = None
-    if position.step == steps and main:
-        exported = export_final(accelerator.unwrap_model(model), tokenizer, out / "final", runtime.backend)
+    if position.step == steps:
+        gathered = full_state_dict(model) if fsdp else None  # a collective: every rank takes part
+        if main:
+            exported = export_final(accelerator.unwrap_model(model), tokenizer, out / "final", runtime.backend,
+                                    gathered)
     if main:
         metrics.close()
         plot_metrics(metrics.path, out / "metrics.png")
@@ -323,10 +349,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     return result
 
 
-def export_final(model, tokenizer, path: Path, backend: str) -> Path:
+def export_final(model, tokenizer, path: Path, backend: str, state_dict: dict | None = None) -> Path:
     """The trained model as a plain HF checkpoint with its tokenizer (vanilla transformers / vLLM)."""
     if backend != "hf":
-        return save_pretrained(model, path, tokenizer=tokenizer)
+        return save_pretrained(model, path, tokenizer=tokenizer, state_dict=state_dict)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

@@ -57,6 +57,8 @@ class FinetuneConfig:
     """Learning-rate schedule after warm-up: "cosine", "linear" or "constant"."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 = off)."""
+    parallel: str = "ddp"
+    """With several processes: "ddp" (replicas, through accelerate) or "fsdp2" (torch FSDP2, sharded; needs torchrun/accelerate launch)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward: less memory, about a third more compute."""
     seed: int = 0
