@@ -148,9 +148,12 @@ def _write(path, lines):
     return str(path)
 
 
-def test_missing_data_file(tmp_path) -> None:
+def test_missing_data_file(tmp_path, monkeypatch) -> None:
     with pytest.raises(te_llama.TeLlamaError, match="no such file"):
         run(tmp_path, data=str(tmp_path / "nope.jsonl"))
+    monkeypatch.chdir(tmp_path)  # "dir/file.jsonl" is a missing file, not a hub dataset name
+    with pytest.raises(te_llama.TeLlamaError, match="data/train.jsonl: no such file"):
+        run(tmp_path, data="data/train.jsonl")
 
 
 def test_empty_dataset(tmp_path) -> None:

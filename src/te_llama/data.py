@@ -87,7 +87,7 @@ def load_rows(source: str, on_bad_rows: str = "fail", report: DataReport | None 
                 rows = datasets.load_dataset(FILE_FORMATS[suffix], data_files=str(path), split="train")
             except Exception as exc:  # noqa: BLE001 - datasets raises many types for bad files
                 raise DataError(f"{path}: could not be read as {FILE_FORMATS[suffix]} ({exc})") from exc
-    elif source.count("/") == 1 and not source.startswith((".", "/")):
+    elif source.count("/") == 1 and not source.startswith((".", "/")) and path.suffix.lower() not in FILE_FORMATS:
         try:
             rows = datasets.load_dataset(source, split="train")
         except Exception as exc:  # noqa: BLE001
