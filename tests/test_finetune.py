@@ -151,6 +151,7 @@ def _write(path, lines):
 def test_missing_data_file(tmp_path, monkeypatch) -> None:
     with pytest.raises(te_llama.TeLlamaError, match="no such file"):
         run(tmp_path, data=str(tmp_path / "nope.jsonl"))
+    assert not (tmp_path / "run").exists()  # a failed start leaves no run behind to block a retry
     monkeypatch.chdir(tmp_path)  # "dir/file.jsonl" is a missing file, not a hub dataset name
     with pytest.raises(te_llama.TeLlamaError, match="data/train.jsonl: no such file"):
         run(tmp_path, data="data/train.jsonl")

@@ -232,9 +232,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if world > 1 and runtime.device.type == "cuda":
         runtime.device = accelerator.device
     out = Path(config.output_dir)
-    if main:
-        prepare_output_dir(config, world)
-    accelerator.wait_for_everyone()
+    if config.resume and not (out / RUN_CONFIG).is_file():  # fail fast, before the slow setup
+        raise RunDirectoryError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing)")
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config, runtime)
     data = config.data or str(asset_path(SAMPLE_TEXT))
@@ -242,8 +241,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     with accelerator.main_process_first():  # the main process tokenizes and caches; the others read it
         examples, report = load_examples(data, tokenizer, config.max_seq_len, cache_dir, config.text_field,
                                          config.assistant_only_loss, config.long_rows, config.on_bad_rows)
-    if main:
+    if main:  # only once model and data are known good: a failed start leaves no run behind
+        prepare_output_dir(config, world)
         (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
+    accelerator.wait_for_everyone()
     train_set, eval_set = split_eval(examples, config.eval_fraction, config.seed)
     ours = runtime.backend != "hf"  # te-llama layers take the packed layout from the host
     train = BatchSource(train_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours)
