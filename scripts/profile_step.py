@@ -36,24 +36,21 @@ def categorize(name: str) -> str:
 
 
 def profile(variant: str, preset: str, batch: int, seq: int, steps: int) -> dict:
-    from torch.profiler import ProfilerActivity, profile as torch_profile
-    from transformers import AutoModelForCausalLM
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
 
-    from te_llama.bench.variants import VARIANTS, prepare
+    from te_llama.bench.measure import BenchSettings, build_model
+    from te_llama.bench.variants import VARIANTS
     from te_llama.precision import autocast
-    from te_llama.presets import preset_config
 
     v = VARIANTS[variant]
-    config = preset_config(preset)
-    with torch.device("cuda"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
-    model = prepare(v, model).train()
+    model, extra = build_model(variant, BenchSettings(preset=preset, batch=batch, seq=seq))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
-    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
     def step():
         with autocast(v.precision):
-            loss = model(input_ids=ids, labels=ids).loss
+            loss = model(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -10,7 +10,7 @@ Padding mode (right padding to a multiple of 16, like NVIDIA's tutorial) is kept
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,26 +31,51 @@ class Batch:
     """Positions the model computes on, padding included."""
 
 
-def collate_packed(examples: Sequence[dict], with_cu_seqlens: bool = False) -> Batch:
+def collate_packed(examples: Sequence[dict], with_cu_seqlens: bool = False, pad_to: int | None = None,
+                   pad_token_id: int = 0, max_doc_len: int | None = None) -> Batch:
     """One row (1, T): the examples back to back, position ids restarting per example.
 
     with_cu_seqlens adds HF's packed-sequence kwargs (`cu_seq_lens_q/k`, `max_length_q/k`),
     computed here on the host, so te-llama layers need no device synchronization per step.
+    pad_to fills the row up to T = pad_to with padding documents (pad tokens, no loss) of at
+    most max_doc_len tokens: a fixed shape, which CUDA graphs need.
     """
     ids, labels, positions, bounds = [], [], [], [0]
+
+    def add(doc_ids: Sequence[int], doc_labels: Sequence[int]) -> None:
+        ids.extend(doc_ids)
+        labels.extend([IGNORE_INDEX, *doc_labels[1:]])  # never predict across examples
+        positions.extend(range(len(doc_ids)))
+        bounds.append(bounds[-1] + len(doc_ids))
+
     for example in examples:
-        n = len(example["input_ids"])
-        ids += example["input_ids"]
-        labels += [IGNORE_INDEX] + list(example["labels"][1:])  # never predict across examples
-        positions += range(n)
-        bounds.append(bounds[-1] + n)
+        add(example["input_ids"], example["labels"])
+    real = len(ids)
+    if pad_to is not None:
+        if real > pad_to:
+            raise ValueError(f"{real} tokens do not fit in a row of pad_to={pad_to}")
+        chunk = max_doc_len or pad_to
+        while len(ids) < pad_to:
+            n = min(chunk, pad_to - len(ids))
+            add([pad_token_id] * n, [IGNORE_INDEX] * n)
     inputs = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
               "position_ids": torch.tensor([positions])}
     if with_cu_seqlens:
         cu = torch.tensor(bounds, dtype=torch.int32)
         longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
         inputs |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
-    return Batch(inputs, real_tokens=len(ids), padded_tokens=len(ids))
+    return Batch(inputs, real_tokens=real, padded_tokens=len(ids))
+
+
+def max_docs_per_batch(plans: Iterable[list[list[int]]], lengths: Sequence[int], budget: int,
+                       max_doc_len: int) -> int:
+    """Most documents a padded packed row can hold over these epoch plans: examples plus padding documents."""
+    most = 1
+    for plan in plans:
+        for indices in plan:
+            gap = budget - sum(lengths[i] for i in indices)
+            most = max(most, len(indices) + -(-gap // max_doc_len))
+    return most
 
 
 def collate_padded(examples: Sequence[dict], pad_token_id: int, multiple: int = PAD_MULTIPLE) -> Batch:

@@ -108,12 +108,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(tune)
     tune.set_defaults(func=_finetune)
 
-    from .bench.variants import DEFAULT_VARIANTS
+    from .bench.variants import DEFAULT_VARIANTS, VARIANTS
 
     bench = sub.add_parser("bench", help="training step time of te-llama vs HF, torch.compile, Liger, torchao")
     bench.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                       help="hf hf-compile hf-liger hf-torchao-fp8 te-bf16 te-fp8 te-fp8-delayed "
-                            "te-fp8-current te-fp8-block te-mxfp8 reference hf-cpu")
+                       help=" ".join(VARIANTS))
     bench.add_argument("--preset", default="llama2-7b", help="a preset name or a local HF checkpoint/config dir")
     bench.add_argument("--batch", type=int, default=8)
     bench.add_argument("--seq", type=int, default=256)

@@ -20,10 +20,11 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from .batching import Batch, collate_packed, collate_padded, plan_epoch
+from .batching import Batch, collate_packed, collate_padded, max_docs_per_batch, plan_epoch
 from .builtin import SAMPLE_TEXT, asset_path, builtin_model, builtin_tokenizer
 from .checkpoint import from_pretrained, save_pretrained
 from .convert import convert
+from .cuda_graphs import StaticShape, capture_cuda_graphs, graphs_unsupported_reason
 from .data import DataError, DataReport, load_examples, split_eval
 from .errors import TeLlamaError
 from .finetune_config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
@@ -162,6 +163,8 @@ class BatchSource:
     def __init__(self, examples, config: FinetuneConfig, pad_token_id: int, with_cu_seqlens: bool = False) -> None:
         self.ids, self.labels = examples["input_ids"], examples["labels"]
         self.with_cu_seqlens = with_cu_seqlens
+        self.pad_to: int | None = None
+        """Packed rows padded to this many tokens (a fixed shape, for CUDA graphs)."""
         self.lengths = [len(x) for x in self.ids]
         self.config, self.pad_token_id = config, pad_token_id
         self._plans: dict[int, list[list[int]]] = {}
@@ -175,7 +178,8 @@ class BatchSource:
     def batch(self, indices: list[int]) -> Batch:
         examples = [{"input_ids": self.ids[i], "labels": self.labels[i]} for i in indices]
         if self.config.packing:
-            return collate_packed(examples, with_cu_seqlens=self.with_cu_seqlens)
+            return collate_packed(examples, with_cu_seqlens=self.with_cu_seqlens, pad_to=self.pad_to,
+                                  pad_token_id=self.pad_token_id, max_doc_len=self.config.max_seq_len)
         return collate_padded(examples, self.pad_token_id)
 
     def next(self, position: Position, rank: int = 0, world: int = 1) -> Batch:
@@ -198,6 +202,37 @@ def total_steps(config: FinetuneConfig, source: BatchSource, world: int = 1) -> 
     if config.max_steps is not None:
         return config.max_steps
     return max(1, config.epochs * math.ceil(len(source.plan(0)) / (config.grad_accum * world)))
+
+
+def graphs_off_reason(config: FinetuneConfig, runtime: Runtime, model, world: int) -> str | None:
+    if not config.cuda_graphs:
+        return "--no-cuda-graphs"
+    if runtime.backend != "te":
+        return f"backend={runtime.backend!r} (graphs are for TE layers)"
+    if not config.packing:
+        return "padding mode gives every batch another shape (packing gives one)"
+    if world > 1:
+        return "several processes (graphs are single-process for now)"
+    return graphs_unsupported_reason(model)
+
+
+def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: BatchSource, steps: int,
+                      world: int) -> bool:
+    """Capture the layers for the packed token budget, and pad every training row to it."""
+    reason = graphs_off_reason(config, runtime, model, world)
+    if reason:
+        logger.info("CUDA graphs off: %s", reason)
+        return False
+    budget = config.batch_size * config.max_seq_len
+    batches_per_epoch = max(1, len(train.plan(0)))
+    epochs = config.epochs if config.max_steps is None else \
+        math.ceil(steps * config.grad_accum / batches_per_epoch) + 1
+    plans = (plan_epoch(train.lengths, True, config.batch_size, config.max_seq_len, config.seed, e)
+             for e in range(epochs))
+    max_docs = max_docs_per_batch(plans, train.lengths, budget, config.max_seq_len)
+    capture_cuda_graphs(model, StaticShape(budget, max_docs, config.max_seq_len), runtime.precision)
+    train.pad_to = budget
+    return True
 
 
 def evaluate(model, source: BatchSource | None, runtime: Runtime) -> float | None:
@@ -281,6 +316,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         if main:
             _truncate_metrics(metrics.path, position.step)
         logger.info("resumed from %s (step %d)", found[-1], position.step)
+    setup_cuda_graphs(config, runtime, accelerator.unwrap_model(model), train, steps, world)
     _log_start(config, runtime, report, len(train_set), steps, position)
 
     # ---- train

@@ -59,6 +59,8 @@ class FinetuneConfig:
     """Gradient clipping (0 = off)."""
     parallel: str = "ddp"
     """With several processes: "ddp" (replicas, through accelerate) or "fsdp2" (torch FSDP2, sharded; needs torchrun/accelerate launch)."""
+    cuda_graphs: bool = True
+    """Replay the TE layers as CUDA graphs (backend te, packing, one process, no activation checkpointing; otherwise eager, logged). Packed rows are then padded to the token budget."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward: less memory, about a third more compute."""
     seed: int = 0

@@ -89,20 +89,35 @@ def peak_tflops(device) -> float | None:
     return next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
+def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Module, dict]:
+    """The variant's model, ready to train, and the extra forward kwargs every step passes."""
+    variant = VARIANTS[variant_name]
+    cuda = "cuda" in variant.needs
+    device = torch.device("cuda") if cuda else torch.device("cpu")
+    config = preset_config(settings.preset)
+    torch.manual_seed(settings.seed)
+    with device:
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa")
+    model = prepare(variant, model).train()
+    if variant.cuda_graphs:  # every bench row is one full-length sequence
+        from ..cuda_graphs import StaticShape, capture_cuda_graphs
+
+        capture_cuda_graphs(model, StaticShape(settings.batch * settings.seq, settings.batch, settings.seq),
+                            variant.precision)
+    ours = variant.name.startswith(("te-", "reference"))
+    layout_up_front = ours and (settings.layout_kwargs or variant.cuda_graphs)
+    return model, packed_layout_kwargs(settings, device) if layout_up_front else {}
+
+
 def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     variant = VARIANTS[variant_name]
     cuda = "cuda" in variant.needs
     device = torch.device("cuda") if cuda else torch.device("cpu")
-    dtype = torch.bfloat16 if cuda else torch.float32
-    config = preset_config(settings.preset)
-    torch.manual_seed(settings.seed)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model = prepare(variant, model).train()
+    model, extra = build_model(variant_name, settings)
+    config = model.config
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
     batches = token_batches(settings, config.vocab_size, device)
-    ours = variant.name.startswith(("te-", "reference"))
-    extra = packed_layout_kwargs(settings, device) if ours and settings.layout_kwargs else {}
     times, losses, events = [], [], []
     for step in range(settings.warmup + settings.steps):
         ids = batches[step % len(batches)]

@@ -24,6 +24,8 @@ class Variant:
     """Requirements: "cuda", "te", "fp8", or Python module names."""
     precision: str = "bf16"
     """What te_llama.autocast runs the step under ("fp32" for the CPU reference)."""
+    cuda_graphs: bool = False
+    """Capture the TE layers as CUDA graphs before timing (te-llama finetune's default with packing)."""
 
 
 def _te_variant(precision: str) -> Variant:
@@ -39,10 +41,14 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             ("cuda", "torchao")),
     Variant("te-bf16", "te-llama TE layers, BF16", ("cuda", "te")),
     *[_te_variant(p) for p in FP8_PRECISIONS],
+    Variant("te-bf16-graphs", "te-llama TE layers as CUDA graphs, BF16", ("cuda", "te"), cuda_graphs=True),
+    Variant("te-fp8-graphs", "te-llama TE layers as CUDA graphs, FP8 (block scaling)", ("cuda", "te", "fp8"),
+            "fp8", cuda_graphs=True),
     Variant("reference", "te-llama reference layers (pure PyTorch), float32 on CPU", (), "fp32"),
     Variant("hf-cpu", "transformers as is, float32 on CPU (harness checks)", (), "fp32"),
 ]}
-DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-bf16", "te-fp8")
+DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-bf16", "te-fp8", "te-bf16-graphs",
+                    "te-fp8-graphs")
 
 
 def unavailable_reason(variant: Variant) -> str | None:

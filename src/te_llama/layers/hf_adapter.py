@@ -8,7 +8,7 @@ forward, and unpacks. Mixed in first, before `te.TransformerLayer` or the refere
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -17,6 +17,9 @@ from ..rope import RotaryAngles
 from ..spec import ArchitectureSpec
 from ..token_layout import LayoutCache
 
+if TYPE_CHECKING:
+    from ..cuda_graphs import GraphedLayers
+
 
 class ModelContext:
     """State shared by all decoder layers of one model: rotary angles and the token layout."""
@@ -24,6 +27,8 @@ class ModelContext:
     def __init__(self, hf_config: Any, spec: ArchitectureSpec, pad_multiple: int = 1) -> None:
         self.rope = RotaryAngles(hf_config, spec)
         self.layouts = LayoutCache(pad_multiple)
+        self.graphs: GraphedLayers | None = None
+        """Set by `te_llama.cuda_graphs.capture_cuda_graphs`."""
 
 
 class HFDecoderAdapter(GradientCheckpointingLayer):
@@ -44,15 +49,24 @@ class HFDecoderAdapter(GradientCheckpointingLayer):
                 "with te_llama.save_pretrained and generate with vanilla transformers or vLLM"
             )
         layout = self.context.layouts.get(hidden_states, attention_mask, position_ids, cu_seq_lens_q, max_length_q)
-        angles = self.context.rope.table(max(layout.max_seqlen, 1), hidden_states.device)
         tokens = layout.pack(hidden_states)  # (t, h)
-        out = super().forward(
+        graphs = self.context.graphs
+        if graphs is not None and self.training and torch.is_grad_enabled():
+            if graphs.accepts(layout):
+                return layout.unpack(graphs.run(self, tokens, layout))
+            graphs.note_eager(layout)
+        angles = self.context.rope.table(max(layout.max_seqlen, 1), hidden_states.device)
+        return layout.unpack(self.forward_packed(tokens, layout.cu_seqlens, layout.max_seqlen, angles))  # (b, s, h)
+
+    def forward_packed(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
+                       angles: torch.Tensor) -> torch.Tensor:
+        """The TransformerLayer's own forward on packed tokens (t, h): causal within each document."""
+        return super().forward(
             tokens,
             self_attn_mask_type="padding_causal",
             rotary_pos_emb=angles,
-            cu_seqlens_q=layout.cu_seqlens,
-            cu_seqlens_kv=layout.cu_seqlens,
-            max_seqlen_q=layout.max_seqlen,
-            max_seqlen_kv=layout.max_seqlen,
+            cu_seqlens_q=cu_seqlens,
+            cu_seqlens_kv=cu_seqlens,
+            max_seqlen_q=max_seqlen,
+            max_seqlen_kv=max_seqlen,
         )
-        return layout.unpack(out)  # (b, s, h)

@@ -1,0 +1,181 @@
+"""CUDA graphs of the decoder layers for a fixed token budget (`te.make_graphed_callables`).
+
+Why: at a few thousand tokens per step the GPU finishes TE's kernels faster than Python
+launches them (docs/SPEED_NOTES.md). A CUDA graph per layer replays the layer's whole forward
+(and its backward) with one launch each, FP8 quantization included.
+
+What stays fixed: a graph replays the shapes it was captured with, so a graphed model takes
+micro-batches of exactly `StaticShape.tokens` positions (packed rows padded to the budget,
+as `collate_packed(pad_to=...)` makes them), at most `max_docs` documents of at most
+`max_seqlen` tokens each. The document boundaries (`cu_seqlens`) stay an input: they are padded
+to `max_docs + 1` entries with zero-length documents. Any other batch, and every forward
+without gradients (eval, generate), runs the layers eagerly on the same weights. The
+precision is the one given at capture.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import BackendUnavailableError
+from .precision import FP8_PRECISIONS, check_precision_available, make_recipe
+from .token_layout import TokenLayout
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StaticShape:
+    """The micro-batch a graph is captured for."""
+
+    tokens: int
+    """Positions per micro-batch (b * s), padding documents included."""
+    max_docs: int
+    """Most documents in one micro-batch, padding documents included."""
+    max_seqlen: int
+    """Longest document."""
+
+
+def padded_cu_seqlens(cu_seqlens: torch.Tensor, max_docs: int) -> torch.Tensor:
+    """`cu_seqlens` with zero-length documents appended up to `max_docs + 1` entries (no host sync)."""
+    missing = max_docs + 1 - cu_seqlens.numel()
+    if missing < 0:
+        raise ValueError(f"{cu_seqlens.numel() - 1} documents; the graph was captured for at most {max_docs}")
+    return torch.cat([cu_seqlens, cu_seqlens[-1:].expand(missing)]) if missing else cu_seqlens
+
+
+def even_cu_seqlens(tokens: int, max_seqlen: int, max_docs: int, device: torch.device) -> torch.Tensor:
+    """A valid layout for capture: documents of max_seqlen tokens (the last one shorter), padded."""
+    bounds = list(range(0, tokens, max_seqlen)) + [tokens]
+    if len(bounds) - 1 > max_docs:
+        raise ValueError(f"{tokens} tokens in documents of at most {max_seqlen} need more than "
+                         f"max_docs={max_docs} documents")
+    return padded_cu_seqlens(torch.tensor(bounds, dtype=torch.int32, device=device), max_docs)
+
+
+class PackedLayerCall(nn.Module):
+    """One decoder layer's packed (THD) forward with the non-tensor arguments fixed: what is graphed."""
+
+    def __init__(self, layer: nn.Module, angles: torch.Tensor, max_seqlen: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.angles = angles  # (max_seqlen, 1, 1, d); a plain attribute: the graph reads its memory
+        self.max_seqlen = max_seqlen
+
+    def forward(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+        return self.layer.forward_packed(tokens, cu_seqlens, self.max_seqlen, self.angles)
+
+
+class GraphedLayers:
+    """The graphed callables of one model's layers, and which batches may replay them."""
+
+    def __init__(self, shape: StaticShape, padded_tokens: int, calls: dict[int, Callable],
+                 precision: str) -> None:
+        self.shape = shape
+        self.padded_tokens = padded_tokens
+        """Rows of the packed tensor the layers see (tokens rounded up to TE's multiple)."""
+        self.precision = precision
+        self._calls = calls  # id(layer) -> graphed PackedLayerCall
+        self._cu_cache: tuple[TokenLayout, torch.Tensor] | None = None
+        self.eager_batches = 0
+        """Training forwards that did not fit the captured shape and ran eagerly (first one logged)."""
+
+    def accepts(self, layout: TokenLayout) -> bool:
+        """True when this micro-batch has the captured shape (checked on the host, no sync)."""
+        fits = (layout.keep is None and layout.num_real + layout.pad_rows == self.padded_tokens
+                and layout.max_seqlen <= self.shape.max_seqlen
+                and layout.cu_seqlens.numel() <= self.shape.max_docs + 1)
+        return fits
+
+    def note_eager(self, layout: TokenLayout) -> None:
+        if self.eager_batches == 0:
+            logger.warning("a training batch of %d tokens, %d documents, longest %d does not fit the CUDA graphs "
+                           "(%s): it runs eagerly", layout.num_real, layout.cu_seqlens.numel() - 1,
+                           layout.max_seqlen, self.shape)
+        self.eager_batches += 1
+
+    def run(self, layer: nn.Module, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
+        cached = self._cu_cache
+        if cached is None or cached[0] is not layout:  # once per model forward, shared by the layers
+            cached = self._cu_cache = (layout, padded_cu_seqlens(layout.cu_seqlens, self.shape.max_docs))
+        return self._calls[id(layer)](tokens, cached[1])
+
+
+def graphs_unsupported_reason(model: nn.Module) -> str | None:
+    """Why this model's layers cannot be graphed, or None."""
+    from .convert import CONVERSION_ATTR, decoder_layers
+
+    conversion = getattr(model, CONVERSION_ATTR, None)
+    if conversion is None or conversion.backend != "te":
+        return "CUDA graphs need te-llama's TE layers (backend='te')"
+    if not torch.cuda.is_available():
+        return "CUDA graphs need a CUDA GPU"
+    if conversion.spec.rope_type == "dynamic":
+        return "dynamic RoPE changes with the sequence length, which a graph cannot"
+    if getattr(model, "is_gradient_checkpointing", False) or any(
+            getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(model)):
+        return "activation checkpointing recomputes layers outside the graph"
+    return None
+
+
+def static_layer_calls(model: nn.Module, shape: StaticShape) -> tuple[StaticShape, int, dict[int, PackedLayerCall]]:
+    """Each decoder layer's fixed-shape packed call, before capture: (shape as the layers see
+    it, padded token rows, id(layer) -> call). Eager calls of these are what the graphs replay."""
+    from .convert import decoder_layers
+
+    layers = list(decoder_layers(model))
+    context = layers[0].context
+    device = next(layers[0].parameters()).device
+    padded_tokens = shape.tokens + (-shape.tokens % context.layouts.pad_multiple)
+    max_docs = shape.max_docs + (1 if padded_tokens > shape.tokens else 0)  # the layout's pad document
+    shape = StaticShape(shape.tokens, max_docs, min(shape.max_seqlen, shape.tokens))
+    angles = context.rope.table(shape.max_seqlen, device).clone()
+    return shape, padded_tokens, {id(layer): PackedLayerCall(layer, angles, shape.max_seqlen) for layer in layers}
+
+
+def install_graphs(model: nn.Module, graphs: GraphedLayers | None) -> None:
+    """Route the model's training forwards through `graphs` (None: back to eager)."""
+    from .convert import decoder_layers
+
+    decoder_layers(model)[0].context.graphs = graphs
+
+
+def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, warmup_iters: int = 3) -> GraphedLayers:
+    """Capture every decoder layer of a converted TE model for micro-batches of `shape`.
+
+    Call after the weights are final in memory (loaded, resumed) and before training; the
+    graphs read the parameters in place, so optimizer steps are seen by every replay.
+    """
+    reason = graphs_unsupported_reason(model)
+    if reason:
+        raise BackendUnavailableError(f"cannot capture CUDA graphs: {reason}")
+    check_precision_available(precision)
+    import transformer_engine.pytorch as te
+    shape, padded_tokens, calls = static_layer_calls(model, shape)
+    weight = next(model.parameters())
+    device, dtype = weight.device, weight.dtype
+    sample_cu = even_cu_seqlens(padded_tokens, shape.max_seqlen, shape.max_docs, device)
+    generator = torch.Generator(device=device).manual_seed(0)
+    sample_args = tuple(
+        (torch.randn(padded_tokens, model.config.hidden_size, device=device, dtype=dtype,
+                     generator=generator).requires_grad_(), sample_cu) for _ in calls)
+    fp8 = precision in FP8_PRECISIONS
+    # The layers see the dtype they will see in training: BF16 under autocast (no cast cache
+    # inside a graph), or the weights' own dtype for fp32.
+    cast = contextlib.nullcontext() if precision == "fp32" else \
+        torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
+    with cast:
+        graphed = te.make_graphed_callables(
+            tuple(calls.values()), sample_args, num_warmup_iters=warmup_iters, enabled=fp8,
+            recipe=make_recipe(precision) if fp8 else None)
+    torch.cuda.synchronize(device)
+    graphs = GraphedLayers(shape, padded_tokens, dict(zip(calls, graphed)), precision)
+    install_graphs(model, graphs)
+    logger.info("captured CUDA graphs of %d layers for %s (%s)", len(calls), shape, precision)
+    return graphs

@@ -1,0 +1,115 @@
+"""The fixed-shape path that CUDA graphs replay, checked eagerly on the CPU reference layers.
+
+Capture itself needs CUDA and TE (tests/gpu/test_cuda_graphs.py); everything around it is ours
+and runs here: rows padded to the token budget with padding documents, `cu_seqlens` padded
+with zero-length documents, the per-layer fixed-argument call, and the routing in the adapter.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_hf_model
+
+import te_llama
+from te_llama.batching import collate_packed, max_docs_per_batch
+from te_llama.cuda_graphs import (
+    GraphedLayers,
+    StaticShape,
+    capture_cuda_graphs,
+    even_cu_seqlens,
+    install_graphs,
+    padded_cu_seqlens,
+    static_layer_calls,
+)
+from te_llama.data import IGNORE_INDEX
+from te_llama.errors import BackendUnavailableError
+
+LOGITS_ATOL = 1e-5  # float32, same math, different document count: summation order only
+
+
+def test_padded_cu_seqlens_appends_empty_documents() -> None:
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32)
+    assert padded_cu_seqlens(cu, 4).tolist() == [0, 5, 12, 12, 12]
+    assert padded_cu_seqlens(cu, 2) is cu
+    with pytest.raises(ValueError, match="at most 1"):
+        padded_cu_seqlens(cu, 1)
+    assert even_cu_seqlens(10, 4, 5, torch.device("cpu")).tolist() == [0, 4, 8, 10, 10, 10]
+    with pytest.raises(ValueError, match="max_docs=2"):
+        even_cu_seqlens(10, 4, 2, torch.device("cpu"))
+
+
+def test_collate_packed_pads_to_the_budget_without_loss_on_padding() -> None:
+    examples = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9], "labels": [-100, 9]}]
+    batch = collate_packed(examples, with_cu_seqlens=True, pad_to=12, pad_token_id=0, max_doc_len=4)
+    inputs = batch.inputs
+    assert inputs["input_ids"].tolist() == [[5, 6, 7, 8, 9, 0, 0, 0, 0, 0, 0, 0]]
+    assert inputs["labels"].tolist() == [[IGNORE_INDEX, 6, 7, IGNORE_INDEX, 9] + [IGNORE_INDEX] * 7]
+    assert inputs["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2, 3, 0, 1, 2]]
+    assert inputs["cu_seq_lens_q"].tolist() == [0, 3, 5, 9, 12]
+    assert inputs["max_length_q"] == 4
+    assert (batch.real_tokens, batch.padded_tokens) == (5, 12)
+    with pytest.raises(ValueError, match="do not fit"):
+        collate_packed(examples, pad_to=4)
+
+
+def test_max_docs_per_batch_counts_padding_documents() -> None:
+    lengths = [3, 2, 7]
+    plans = [[[0, 1], [2]], [[2, 0]]]
+    # budget 12, documents of at most 4: [0,1] leaves 7 -> 2 pads (4 docs); [2] leaves 5 -> 2 pads (3 docs)
+    assert max_docs_per_batch(plans, lengths, budget=12, max_doc_len=4) == 4
+
+
+def _static_model(arch: str, shape: StaticShape):
+    """A reference model whose training forwards take the fixed-shape path, run eagerly."""
+    model = te_llama.convert(random_hf_model(arch), backend="reference", fuse_qkv=True).train()
+    shape, padded_tokens, calls = static_layer_calls(model, shape)
+    install_graphs(model, GraphedLayers(shape, padded_tokens, calls, "fp32"))
+    return model
+
+
+@pytest.mark.parametrize("arch", ["llama3.1-gqa-llama3-rope", "qwen2-qkv-bias-tied"])
+def test_fixed_shape_path_matches_the_unpadded_batch(arch: str) -> None:
+    """Padding documents and empty documents change nothing for the real tokens: logits and grads."""
+    torch.manual_seed(1)
+    docs = [torch.randint(0, 50, (n,)).tolist() for n in (9, 14, 5)]
+    examples = [{"input_ids": d, "labels": d} for d in docs]
+    plain = collate_packed(examples, with_cu_seqlens=True).inputs
+    padded = collate_packed(examples, with_cu_seqlens=True, pad_to=40, max_doc_len=16).inputs
+    eager = te_llama.convert(random_hf_model(arch), backend="reference", fuse_qkv=True).train()
+    static = _static_model(arch, StaticShape(tokens=40, max_docs=8, max_seqlen=16))
+    want = eager(**plain)
+    got = static(**padded)
+    real = plain["input_ids"].shape[1]
+    torch.testing.assert_close(got.logits[:, :real], want.logits, rtol=0, atol=LOGITS_ATOL)
+    torch.testing.assert_close(got.loss, want.loss, rtol=0, atol=LOGITS_ATOL)
+    want.loss.backward()
+    got.loss.backward()
+    for (name, p_eager), p_static in zip(eager.named_parameters(), static.parameters()):
+        if p_eager.grad is not None:
+            torch.testing.assert_close(p_static.grad, p_eager.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert decoder_graphs(static).eager_batches == 0
+
+
+def decoder_graphs(model) -> GraphedLayers:
+    return model.model.layers[0].context.graphs
+
+
+def test_other_shapes_and_no_grad_run_eagerly() -> None:
+    model = _static_model("llama2-mha", StaticShape(tokens=40, max_docs=4, max_seqlen=16))
+    ids = torch.randint(0, 50, (1, 24))
+    with torch.no_grad():  # eval / generate: never the fixed-shape path
+        reference = copy.deepcopy(model)
+        install_graphs(reference, None)
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits)
+    assert decoder_graphs(model).eager_batches == 0
+    model(ids)  # a training batch of another size: eager, counted
+    assert decoder_graphs(model).eager_batches == len(model.model.layers)
+
+
+def test_capture_refuses_models_without_te_layers() -> None:
+    model = te_llama.convert(random_hf_model("llama2-mha"), backend="reference")
+    with pytest.raises(BackendUnavailableError, match="backend='te'"):
+        capture_cuda_graphs(model, StaticShape(32, 2, 16), "bf16")
