@@ -11,6 +11,10 @@ as `collate_packed(pad_to=...)` makes them), at most `max_docs` documents of at 
 to `max_docs + 1` entries with zero-length documents. Any other batch, and every forward
 without gradients (eval, generate), runs the layers eagerly on the same weights. The
 precision is the one given at capture.
+
+Gradients: with fused Q/K/V (the default), TE's GEMMs write each weight's gradient straight
+into a persistent buffer that is bound as its `.grad` at every training forward
+(`write_wgrads_in_place`), so the graphs keep no second copy of the gradients.
 """
 
 from __future__ import annotations
@@ -76,12 +80,16 @@ class GraphedLayers:
     """The graphed callables of one model's layers, and which batches may replay them."""
 
     def __init__(self, shape: StaticShape, padded_tokens: int, calls: dict[int, Callable],
-                 precision: str) -> None:
+                 precision: str, grad_buffers: dict[int, list[nn.Parameter]] | None = None,
+                 accumulate_grads: bool = True) -> None:
         self.shape = shape
         self.padded_tokens = padded_tokens
         """Rows of the packed tensor the layers see (tokens rounded up to TE's multiple)."""
         self.precision = precision
         self._calls = calls  # id(layer) -> graphed PackedLayerCall
+        self.grad_buffers = grad_buffers or {}
+        """id(layer) -> the weights whose gradient GEMM writes `main_grad` (empty: split Q/K/V)."""
+        self.accumulate_grads = accumulate_grads
         self._cu_cache: tuple[TokenLayout, torch.Tensor] | None = None
         self.eager_batches = 0
         """Training forwards that did not fit the captured shape and ran eagerly (first one logged)."""
@@ -99,6 +107,22 @@ class GraphedLayers:
                            "(%s): it runs eagerly", layout.num_real, layout.cu_seqlens.numel() - 1,
                            layout.max_seqlen, self.shape)
         self.eager_batches += 1
+
+    def bind_grads(self, layer: nn.Module) -> None:
+        """Before a training forward: make `.grad` the buffer TE's weight-gradient GEMMs write into.
+
+        After `zero_grad(set_to_none=True)` the buffer is bound again (and zeroed first when
+        gradients accumulate); in-place zeroing keeps it bound. Without accumulation every
+        backward overwrites the gradients of the previous one.
+        """
+        for weight in self.grad_buffers.get(id(layer), ()):
+            if weight.grad is None:
+                if self.accumulate_grads:
+                    weight.main_grad.zero_()
+                weight.grad = weight.main_grad
+            elif weight.grad is not weight.main_grad:
+                raise RuntimeError("a graphed layer's .grad was replaced by another tensor; TE writes its weight "
+                                   "gradients into `main_grad`: zero gradients with zero_grad() instead")
 
     def run(self, layer: nn.Module, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         cached = self._cu_cache
@@ -139,6 +163,46 @@ def static_layer_calls(model: nn.Module, shape: StaticShape) -> tuple[StaticShap
     return shape, padded_tokens, {id(layer): PackedLayerCall(layer, angles, shape.max_seqlen) for layer in layers}
 
 
+def gemm_weights(layer: nn.Module) -> list[nn.Parameter] | None:
+    """The weights of a TE layer's GEMMs (one parameter per GEMM), or None when one is split
+    into several parameters (separate Q/K/V), which TE cannot accumulate into one buffer."""
+    import transformer_engine.pytorch as te
+
+    weights = []
+    for module in layer.modules():
+        if isinstance(module, te.LayerNormMLP):
+            weights += [module.fc1_weight, module.fc2_weight]
+        elif isinstance(module, (te.Linear, te.LayerNormLinear)):
+            if len(module.weight_names) != 1:
+                return None
+            weights.append(getattr(module, module.weight_names[0]))
+    return weights
+
+
+def write_wgrads_in_place(layers: list[nn.Module], accumulate: bool) -> dict[int, list[nn.Parameter]]:
+    """Have TE's weight-gradient GEMMs write into one persistent buffer per weight (TE's
+    `fuse_wgrad_accumulation` with `main_grad`), which becomes the weight's `.grad`.
+
+    Why: a graph otherwise returns weight gradients from static buffers that are copied into
+    `.grad` after every replay: a second copy of every gradient kept for the graph's lifetime
+    and a copy pass per step. With `overwrite_main_grad` (no accumulation) the GEMM writes the
+    gradient without reading the buffer first. Empty when the layers cannot (split Q/K/V).
+    """
+    per_layer = {id(layer): gemm_weights(layer) for layer in layers}
+    if any(weights is None for weights in per_layer.values()):
+        return {}
+    for layer in layers:
+        owned = {id(w) for w in per_layer[id(layer)]}
+        for module in layer.modules():  # the public constructor switch, set after construction
+            if hasattr(module, "fuse_wgrad_accumulation") and any(
+                    id(w) in owned for w in module.parameters(recurse=False)):
+                module.fuse_wgrad_accumulation = True
+        for weight in per_layer[id(layer)]:
+            weight.main_grad = torch.zeros_like(weight)
+            weight.overwrite_main_grad = not accumulate
+    return per_layer
+
+
 def install_graphs(model: nn.Module, graphs: GraphedLayers | None) -> None:
     """Route the model's training forwards through `graphs` (None: back to eager)."""
     from .convert import decoder_layers
@@ -146,11 +210,14 @@ def install_graphs(model: nn.Module, graphs: GraphedLayers | None) -> None:
     decoder_layers(model)[0].context.graphs = graphs
 
 
-def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, warmup_iters: int = 3) -> GraphedLayers:
+def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, accumulate_grads: bool = True,
+                        warmup_iters: int = 3) -> GraphedLayers:
     """Capture every decoder layer of a converted TE model for micro-batches of `shape`.
 
     Call after the weights are final in memory (loaded, resumed) and before training; the
     graphs read the parameters in place, so optimizer steps are seen by every replay.
+    accumulate_grads=False (one backward per optimizer step) lets each backward overwrite the
+    layers' weight gradients instead of adding to them: no zeroing, one memory pass less.
     """
     reason = graphs_unsupported_reason(model)
     if reason:
@@ -165,6 +232,9 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, wa
     sample_args = tuple(
         (torch.randn(padded_tokens, model.config.hidden_size, device=device, dtype=dtype,
                      generator=generator).requires_grad_(), sample_cu) for _ in calls)
+    from .convert import decoder_layers
+
+    grad_buffers = write_wgrads_in_place(list(decoder_layers(model)), accumulate_grads)
     fp8 = precision in FP8_PRECISIONS
     # The layers see the dtype they will see in training: BF16 under autocast (no cast cache
     # inside a graph), or the weights' own dtype for fp32.
@@ -175,7 +245,7 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, wa
             tuple(calls.values()), sample_args, num_warmup_iters=warmup_iters, enabled=fp8,
             recipe=make_recipe(precision) if fp8 else None)
     torch.cuda.synchronize(device)
-    graphs = GraphedLayers(shape, padded_tokens, dict(zip(calls, graphed)), precision)
+    graphs = GraphedLayers(shape, padded_tokens, dict(zip(calls, graphed)), precision, grad_buffers, accumulate_grads)
     install_graphs(model, graphs)
     logger.info("captured CUDA graphs of %d layers for %s (%s)", len(calls), shape, precision)
     return graphs

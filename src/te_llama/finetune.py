@@ -230,7 +230,8 @@ def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: Ba
     plans = (plan_epoch(train.lengths, True, config.batch_size, config.max_seq_len, config.seed, e)
              for e in range(epochs))
     max_docs = max_docs_per_batch(plans, train.lengths, budget, config.max_seq_len)
-    capture_cuda_graphs(model, StaticShape(budget, max_docs, config.max_seq_len), runtime.precision)
+    capture_cuda_graphs(model, StaticShape(budget, max_docs, config.max_seq_len), runtime.precision,
+                        accumulate_grads=config.grad_accum > 1)
     train.pad_to = budget
     return True
 

@@ -47,39 +47,56 @@ def packed_batches(vocab: int, count: int, seed: int = 0) -> list[dict]:
     return batches
 
 
-def train(model, batches: list[dict], precision: str) -> list[float]:
+def train(model, batches: list[dict], precision: str, grad_accum: int) -> list[float]:
+    """AdamW steps of `grad_accum` micro-batches each; the mean micro-batch loss per step."""
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     losses = []
-    for inputs in batches:
-        with te_llama.autocast(precision):
-            loss = model(**inputs).loss
-        loss.backward()
+    for start in range(0, len(batches), grad_accum):
+        total = 0.0
+        for inputs in batches[start:start + grad_accum]:
+            with te_llama.autocast(precision):
+                loss = model(**inputs).loss
+            (loss / grad_accum).backward()
+            total += float(loss.detach()) / grad_accum
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(total)
     return losses
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp8"])
-@pytest.mark.parametrize("arch", ["llama3.1-gqa-llama3-rope", "qwen2-qkv-bias-tied"])
-def test_graphed_training_matches_eager(arch: str, precision: str, record_metric) -> None:
+CASES = [  # (arch, precision, fuse_qkv, grad_accum)
+    ("llama3.1-gqa-llama3-rope", "bf16", True, 1),
+    ("llama3.1-gqa-llama3-rope", "fp8", True, 1),
+    ("qwen2-qkv-bias-tied", "bf16", True, 2),
+    ("qwen2-qkv-bias-tied", "fp8", True, 2),
+    ("mistral-gqa", "bf16", False, 1),  # split Q/K/V: weight gradients through the graph's buffers
+]
+
+
+@pytest.mark.parametrize(("arch", "precision", "fuse_qkv", "grad_accum"), CASES,
+                         ids=[f"{a}-{p}-{'fused' if f else 'split'}-accum{g}" for a, p, f, g in CASES])
+def test_graphed_training_matches_eager(arch: str, precision: str, fuse_qkv: bool, grad_accum: int,
+                                        record_metric) -> None:
     hf = random_hf_model(arch, gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
-    eager = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
-    graphed = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
-    batches = packed_batches(hf.config.vocab_size, STEPS)
+    eager = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=fuse_qkv).train()
+    graphed = te_llama.convert(hf, backend="te", fuse_qkv=fuse_qkv).train()
+    batches = packed_batches(hf.config.vocab_size, STEPS * grad_accum)
     most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
-    graphs = capture_cuda_graphs(graphed, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision)
+    graphs = capture_cuda_graphs(graphed, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision,
+                                 accumulate_grads=grad_accum > 1)
     initial = [p.detach().clone() for p in eager.parameters()]
-    want = train(eager, batches, precision)
-    got = train(graphed, batches, precision)
+    want = train(eager, batches, precision, grad_accum)
+    got = train(graphed, batches, precision, grad_accum)
     loss_gap = max(abs(g - w) / w for g, w in zip(got, want))
     param_gap = max(rel_l2(pg, pe) for pg, pe in zip(graphed.parameters(), eager.parameters()))
     update_gap = max(rel_l2(pg - p0, pe - p0) for pg, pe, p0 in zip(graphed.parameters(), eager.parameters(), initial)
                      if bool((pe != p0).any()))
-    record_metric(arch=arch, precision=precision, eager_losses=want, graphed_losses=got,
+    record_metric(arch=arch, precision=precision, fuse_qkv=fuse_qkv, grad_accum=grad_accum,
+                  grads_written_in_place=bool(graphs.grad_buffers), eager_losses=want, graphed_losses=got,
                   max_loss_rel_gap=loss_gap, max_param_rel_l2=param_gap, max_update_rel_l2=update_gap,
                   eager_batches=graphs.eager_batches)
     assert graphs.eager_batches == 0, "a training batch missed the graphs"
+    assert bool(graphs.grad_buffers) == fuse_qkv
     assert want[-1] < want[0] and got[-1] < got[0]
     assert loss_gap <= GRAPH_LOSS_REL[precision]
     assert param_gap <= GRAPH_PARAM_REL_L2[precision]

@@ -104,7 +104,7 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
         from ..cuda_graphs import StaticShape, capture_cuda_graphs
 
         capture_cuda_graphs(model, StaticShape(settings.batch * settings.seq, settings.batch, settings.seq),
-                            variant.precision)
+                            variant.precision, accumulate_grads=False)  # one backward per step
     ours = variant.name.startswith(("te-", "reference"))
     layout_up_front = ours and (settings.layout_kwargs or variant.cuda_graphs)
     return model, packed_layout_kwargs(settings, device) if layout_up_front else {}

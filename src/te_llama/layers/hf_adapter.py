@@ -52,6 +52,7 @@ class HFDecoderAdapter(GradientCheckpointingLayer):
         tokens = layout.pack(hidden_states)  # (t, h)
         graphs = self.context.graphs
         if graphs is not None and self.training and torch.is_grad_enabled():
+            graphs.bind_grads(self)
             if graphs.accepts(layout):
                 return layout.unpack(graphs.run(self, tokens, layout))
             graphs.note_eager(layout)
