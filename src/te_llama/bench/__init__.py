@@ -37,6 +37,7 @@ def run_bench(variants: list[str], settings: BenchSettings, out_dir: str | Path 
               timeout_s: float = 900, progress=print) -> dict:
     """Run each variant (skipping, with the reason, those that cannot run here); write reports."""
     results = []
+    report = {"settings": asdict(settings), "environment": environment(), "results": []}
     for variant in select(variants):
         reason = unavailable_reason(variant)
         result = BenchResult(variant.name, "skipped", reason=reason) if reason else \
@@ -44,8 +45,7 @@ def run_bench(variants: list[str], settings: BenchSettings, out_dir: str | Path 
         progress(f"{result.variant}: {result.status}"
                  + (f" {result.median_ms:.1f} ms/step" if result.median_ms else f" ({result.reason})"))
         results.append(result)
-    report = {"settings": asdict(settings), "environment": environment(),
-              "results": [asdict(r) for r in results]}
-    if out_dir is not None:
-        write_reports(report, Path(out_dir))
+        report["results"] = [asdict(r) for r in results]
+        if out_dir is not None:  # after every variant: a run cut short keeps what it measured
+            write_reports(report, Path(out_dir))
     return report
