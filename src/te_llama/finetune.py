@@ -213,6 +213,8 @@ def graphs_off_reason(config: FinetuneConfig, runtime: Runtime, model, world: in
         return "padding mode gives every batch another shape (packing gives one)"
     if world > 1:
         return "several processes (graphs are single-process for now)"
+    if config.parallel == "fsdp2":
+        return "FSDP2 gathers each layer's weights outside any graph"
     return graphs_unsupported_reason(model)
 
 
