@@ -251,3 +251,53 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
     install_graphs(model, graphs)
     logger.info("captured CUDA graphs of %d layers for %s (%s)", len(calls), shape, precision)
     return graphs
+
+
+def release_cuda_graphs(model: nn.Module) -> None:
+    """Drop the graphs and their memory; the layers run eagerly again, gradients through autograd."""
+    from .convert import decoder_layers
+
+    layers = list(decoder_layers(model))
+    graphs = layers[0].context.graphs
+    if graphs is None:
+        return
+    for call in graphs._calls.values():
+        reset = getattr(call, "reset", None)  # TE's handle that frees the captured graphs
+        if callable(reset):
+            reset()
+    for layer in layers:
+        for module in layer.modules():
+            if hasattr(module, "fuse_wgrad_accumulation"):
+                module.fuse_wgrad_accumulation = False
+        for weight in graphs.grad_buffers.get(id(layer), ()):
+            if weight.grad is weight.main_grad:
+                weight.grad = None
+            del weight.main_grad, weight.overwrite_main_grad
+    install_graphs(model, None)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: int) -> tuple[bool, str]:
+    """After capture: is there still room for what training allocates later (AdamW's two
+    moments, the gradients not written in place, `headroom_bytes` for logits and the rest)?
+
+    A graph keeps its activation memory reserved for good, so it can fit at capture and
+    still run the first optimizer step out of memory; this checks before that happens.
+    """
+    graphs = decoder_layers_graphs(model)
+    in_place = {id(w) for weights in graphs.grad_buffers.values() for w in weights} if graphs else set()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
+    other_grads = sum(p.numel() * p.element_size() for p in trainable if id(p) not in in_place)
+    free, _ = torch.cuda.mem_get_info(device)
+    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    need = moments + other_grads + headroom_bytes
+    have = free + cached
+    return have >= need, f"{have / 2**30:.1f} GiB free after capture, {need / 2**30:.1f} GiB needed later"
+
+
+def decoder_layers_graphs(model: nn.Module) -> GraphedLayers | None:
+    from .convert import decoder_layers
+
+    return decoder_layers(model)[0].context.graphs

@@ -20,11 +20,23 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from .batching import Batch, collate_packed, collate_padded, max_docs_per_batch, plan_epoch
+from .batching import (
+    Batch,
+    collate_packed,
+    collate_padded,
+    max_docs_per_batch,
+    plan_epoch,
+)
 from .builtin import SAMPLE_TEXT, asset_path, builtin_model, builtin_tokenizer
 from .checkpoint import from_pretrained, save_pretrained
 from .convert import convert
-from .cuda_graphs import StaticShape, capture_cuda_graphs, graphs_unsupported_reason
+from .cuda_graphs import (
+    StaticShape,
+    capture_cuda_graphs,
+    graphs_leave_room,
+    graphs_unsupported_reason,
+    release_cuda_graphs,
+)
 from .data import DataError, DataReport, load_examples, split_eval
 from .errors import TeLlamaError
 from .finetune_config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
@@ -39,7 +51,13 @@ from .parallel import (
     shard_fsdp2,
 )
 from .precision import FP8_PRECISIONS, PRECISIONS, autocast, check_precision_available
-from .training_state import Position, checkpoints, load_checkpoint, save_checkpoint, sweep_incomplete
+from .training_state import (
+    Position,
+    checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    sweep_incomplete,
+)
 
 logger = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
@@ -234,6 +252,14 @@ def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: Ba
     max_docs = max_docs_per_batch(plans, train.lengths, budget, config.max_seq_len)
     capture_cuda_graphs(model, StaticShape(budget, max_docs, config.max_seq_len), runtime.precision,
                         accumulate_grads=config.grad_accum > 1)
+    logits_bytes = 3 * budget * model.config.vocab_size * 4  # FP32 logits, their grad, softmax
+    fits, detail = graphs_leave_room(model, runtime.device, logits_bytes + 2 * 2**30)
+    if not fits:
+        release_cuda_graphs(model)
+        logger.warning("CUDA graphs off: they keep their activation memory reserved and would leave too little "
+                       "for the optimizer (%s); running eagerly (lower --batch-size or --max-seq-len to use them)",
+                       detail)
+        return False
     train.pad_to = budget
     return True
 

@@ -55,6 +55,9 @@ class BenchResult:
     tflops: float | None = None
     mfu: float | None = None
     peak_mem_gib: float | None = None
+    """Most memory held by tensors at once (torch.cuda.max_memory_allocated)."""
+    peak_reserved_gib: float | None = None
+    """Most memory the caching allocator held, CUDA-graph pools included (what must fit on the GPU)."""
     final_loss: float | None = None
     step_ms: list[float] = field(default_factory=list)
 
@@ -153,6 +156,7 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
         p90_ms=ordered[min(len(ordered) - 1, (9 * len(ordered)) // 10)], tokens_per_s=tokens_per_s,
         tflops=tflops, mfu=tflops / peak if peak else None,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+        peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
         final_loss=float(losses[-1]), step_ms=times)
 
 

@@ -54,7 +54,8 @@ def _fmt(value, spec: str) -> str:
 
 def render_table(report: dict, markdown: bool = False) -> str:
     s = report["settings"]
-    head = ["variant", "ms/step (median)", "p10-p90", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "final loss",
+    head = ["variant", "ms/step (median)", "p10-p90", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "reserved GiB",
+            "final loss",
             f"speedup vs {BASELINE}"]
     rows = []
     ups = speedups(report["results"])
@@ -65,7 +66,8 @@ def render_table(report: dict, markdown: bool = False) -> str:
         rows.append([r["variant"], _fmt(r["median_ms"], ".1f"), f"{r['p10_ms']:.1f}-{r['p90_ms']:.1f}",
                      _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["tflops"], ".1f"),
                      _fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""),
-                     _fmt(r["peak_mem_gib"], ".1f"), _fmt(r["final_loss"], ".3f"),
+                     _fmt(r["peak_mem_gib"], ".1f"), _fmt(r.get("peak_reserved_gib"), ".1f"),
+                     _fmt(r["final_loss"], ".3f"),
                      f"{ups[r['variant']]:.2f}x" if r["variant"] in ups else "-"])
     title = f"{s['preset']}, batch {s['batch']} x {s['seq']} tokens, {s['steps']} timed steps after {s['warmup']}"
     if markdown:
