@@ -11,10 +11,12 @@ run() {  # name (also the run folder, up to a "."), command...
   echo "$name rc=$? $(grep -E '^done:' "$OUT/$name.log" | cut -c1-90)"
   grep -E "Error|error:" "$OUT/$name.log" | tail -3
 }
+if [ "${1:-all}" != "resume" ]; then  # `bash scripts/fsdp2_one_gpu.sh resume`: only the resume pair
 run single-bf16 python3 -m te_llama finetune --precision bf16
 run fsdp2-bf16 torchrun --standalone --nproc_per_node 1 -m te_llama finetune --parallel fsdp2 --precision bf16
 run fsdp2-fp8 torchrun --standalone --nproc_per_node 1 -m te_llama finetune --parallel fsdp2 --precision fp8
 run single-fp8 python3 -m te_llama finetune --precision fp8
+fi
 # resume of the sharded checkpoint: 20 steps, then continue to 30
 run fsdp2-bf16-resume.a torchrun --standalone --nproc_per_node 1 -m te_llama finetune --parallel fsdp2 --precision bf16 --stop-after-steps 20
 run fsdp2-bf16-resume.b torchrun --standalone --nproc_per_node 1 -m te_llama finetune --parallel fsdp2 --precision bf16 --resume
