@@ -113,3 +113,18 @@ def test_capture_refuses_models_without_te_layers() -> None:
     model = te_llama.convert(random_hf_model("llama2-mha"), backend="reference")
     with pytest.raises(BackendUnavailableError, match="backend='te'"):
         capture_cuda_graphs(model, StaticShape(32, 2, 16), "bf16")
+
+
+def test_release_undoes_a_half_done_capture() -> None:
+    """What a capture that ran out of memory leaves behind (in-place gradient buffers, no graphs) is undone."""
+    from te_llama.cuda_graphs import release_cuda_graphs
+
+    model = te_llama.convert(random_hf_model("llama2-mha"), backend="reference", fuse_qkv=True).train()
+    weight = model.model.layers[0].self_attention.proj.weight
+    weight.main_grad, weight.overwrite_main_grad = torch.zeros_like(weight), True
+    weight.grad = weight.main_grad
+    release_cuda_graphs(model)
+    assert not hasattr(weight, "main_grad") and weight.grad is None
+    assert decoder_graphs(model) is None
+    model(torch.randint(0, 50, (1, 12)), labels=torch.randint(0, 50, (1, 12))).loss.backward()
+    assert weight.grad is not None and weight.grad.abs().sum() > 0

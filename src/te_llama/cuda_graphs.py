@@ -254,26 +254,29 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
 
 
 def release_cuda_graphs(model: nn.Module) -> None:
-    """Drop the graphs and their memory; the layers run eagerly again, gradients through autograd."""
+    """Drop the graphs and their memory; the layers run eagerly again, gradients through autograd.
+
+    Also undoes a capture that failed halfway (out of memory): the in-place gradient switches
+    are turned off wherever they were set.
+    """
     from .convert import decoder_layers
 
     layers = list(decoder_layers(model))
     graphs = layers[0].context.graphs
-    if graphs is None:
-        return
-    for call in graphs._calls.values():
+    for call in (graphs._calls.values() if graphs is not None else ()):
         reset = getattr(call, "reset", None)  # TE's handle that frees the captured graphs
         if callable(reset):
             reset()
+    install_graphs(model, None)
     for layer in layers:
         for module in layer.modules():
-            if hasattr(module, "fuse_wgrad_accumulation"):
+            if getattr(module, "fuse_wgrad_accumulation", False):
                 module.fuse_wgrad_accumulation = False
-        for weight in graphs.grad_buffers.get(id(layer), ()):
-            if weight.grad is weight.main_grad:
-                weight.grad = None
-            del weight.main_grad, weight.overwrite_main_grad
-    install_graphs(model, None)
+        for weight in layer.parameters():
+            if hasattr(weight, "main_grad"):
+                if weight.grad is weight.main_grad:
+                    weight.grad = None
+                del weight.main_grad, weight.overwrite_main_grad
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
 

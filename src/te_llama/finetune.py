@@ -250,8 +250,14 @@ def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: Ba
     plans = (plan_epoch(train.lengths, True, config.batch_size, config.max_seq_len, config.seed, e)
              for e in range(epochs))
     max_docs = max_docs_per_batch(plans, train.lengths, budget, config.max_seq_len)
-    capture_cuda_graphs(model, StaticShape(budget, max_docs, config.max_seq_len), runtime.precision,
-                        accumulate_grads=config.grad_accum > 1)
+    try:
+        capture_cuda_graphs(model, StaticShape(budget, max_docs, config.max_seq_len), runtime.precision,
+                            accumulate_grads=config.grad_accum > 1)
+    except torch.OutOfMemoryError:
+        release_cuda_graphs(model)
+        logger.warning("CUDA graphs off: capturing them ran out of GPU memory; running eagerly "
+                       "(lower --batch-size or --max-seq-len to use them)")
+        return False
     logits_bytes = 3 * budget * model.config.vocab_size * 4  # FP32 logits, their grad, softmax
     fits, detail = graphs_leave_room(model, runtime.device, logits_bytes + 2 * 2**30)
     if not fits:
