@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .convert import CONVERSION_ATTR, decoder_layers
 from .errors import BackendUnavailableError
 from .precision import FP8_PRECISIONS, check_precision_available, make_recipe
 from .token_layout import TokenLayout
@@ -96,10 +97,9 @@ class GraphedLayers:
 
     def accepts(self, layout: TokenLayout) -> bool:
         """True when this micro-batch has the captured shape (checked on the host, no sync)."""
-        fits = (layout.keep is None and layout.num_real + layout.pad_rows == self.padded_tokens
+        return (layout.keep is None and layout.num_real + layout.pad_rows == self.padded_tokens
                 and layout.max_seqlen <= self.shape.max_seqlen
                 and layout.cu_seqlens.numel() <= self.shape.max_docs + 1)
-        return fits
 
     def note_eager(self, layout: TokenLayout) -> None:
         if self.eager_batches == 0:
@@ -124,6 +124,13 @@ class GraphedLayers:
                 raise RuntimeError("a graphed layer's .grad was replaced by another tensor; TE writes its weight "
                                    "gradients into `main_grad`: zero gradients with zero_grad() instead")
 
+    def reset(self) -> None:
+        """Free the captured graphs (TE's per-callable `reset`)."""
+        for call in self._calls.values():
+            reset = getattr(call, "reset", None)
+            if callable(reset):
+                reset()
+
     def run(self, layer: nn.Module, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor:
         cached = self._cu_cache
         if cached is None or cached[0] is not layout:  # once per model forward, shared by the layers
@@ -133,8 +140,6 @@ class GraphedLayers:
 
 def graphs_unsupported_reason(model: nn.Module) -> str | None:
     """Why this model's layers cannot be graphed, or None."""
-    from .convert import CONVERSION_ATTR, decoder_layers
-
     conversion = getattr(model, CONVERSION_ATTR, None)
     if conversion is None or conversion.backend != "te":
         return "CUDA graphs need te-llama's TE layers (backend='te')"
@@ -151,8 +156,6 @@ def graphs_unsupported_reason(model: nn.Module) -> str | None:
 def static_layer_calls(model: nn.Module, shape: StaticShape) -> tuple[StaticShape, int, dict[int, PackedLayerCall]]:
     """Each decoder layer's fixed-shape packed call, before capture: (shape as the layers see
     it, padded token rows, id(layer) -> call). Eager calls of these are what the graphs replay."""
-    from .convert import decoder_layers
-
     layers = list(decoder_layers(model))
     context = layers[0].context
     device = next(layers[0].parameters()).device
@@ -205,9 +208,11 @@ def write_wgrads_in_place(layers: list[nn.Module], accumulate: bool) -> dict[int
 
 def install_graphs(model: nn.Module, graphs: GraphedLayers | None) -> None:
     """Route the model's training forwards through `graphs` (None: back to eager)."""
-    from .convert import decoder_layers
-
     decoder_layers(model)[0].context.graphs = graphs
+
+
+def installed_graphs(model: nn.Module) -> GraphedLayers | None:
+    return decoder_layers(model)[0].context.graphs
 
 
 def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, accumulate_grads: bool = True,
@@ -224,6 +229,7 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
         raise BackendUnavailableError(f"cannot capture CUDA graphs: {reason}")
     check_precision_available(precision)
     import transformer_engine.pytorch as te
+
     shape, padded_tokens, calls = static_layer_calls(model, shape)
     weight = next(model.parameters())
     device, dtype = weight.device, weight.dtype
@@ -232,8 +238,6 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
     sample_args = tuple(
         (torch.randn(padded_tokens, model.config.hidden_size, device=device, dtype=dtype,
                      generator=generator).requires_grad_(), sample_cu) for _ in calls)
-    from .convert import decoder_layers
-
     grad_buffers = write_wgrads_in_place(list(decoder_layers(model)), accumulate_grads)
     fp8 = precision in FP8_PRECISIONS
     # The layers see the dtype they will see in training: BF16 under autocast (no cast cache
@@ -259,15 +263,11 @@ def release_cuda_graphs(model: nn.Module) -> None:
     Also undoes a capture that failed halfway (out of memory): the in-place gradient switches
     are turned off wherever they were set.
     """
-    from .convert import decoder_layers
-
-    layers = list(decoder_layers(model))
-    graphs = layers[0].context.graphs
-    for call in (graphs._calls.values() if graphs is not None else ()):
-        reset = getattr(call, "reset", None)  # TE's handle that frees the captured graphs
-        if callable(reset):
-            reset()
+    graphs = installed_graphs(model)
+    if graphs is not None:
+        graphs.reset()
     install_graphs(model, None)
+    layers = list(decoder_layers(model))
     for layer in layers:
         for module in layer.modules():
             if getattr(module, "fuse_wgrad_accumulation", False):
@@ -288,7 +288,7 @@ def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: in
     A graph keeps its activation memory reserved for good, so it can fit at capture and
     still run the first optimizer step out of memory; this checks before that happens.
     """
-    graphs = decoder_layers_graphs(model)
+    graphs = installed_graphs(model)
     in_place = {id(w) for weights in graphs.grad_buffers.values() for w in weights} if graphs else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
@@ -298,9 +298,3 @@ def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: in
     need = moments + other_grads + headroom_bytes
     have = free + cached
     return have >= need, f"{have / 2**30:.1f} GiB free after capture, {need / 2**30:.1f} GiB needed later"
-
-
-def decoder_layers_graphs(model: nn.Module) -> GraphedLayers | None:
-    from .convert import decoder_layers
-
-    return decoder_layers(model)[0].context.graphs
