@@ -10,7 +10,9 @@ from conftest import random_hf_model, te_unavailable_reason
 
 import te_llama
 from te_llama.batching import collate_packed
+from te_llama.convert import decoder_layers
 from te_llama.cuda_graphs import StaticShape, capture_cuda_graphs
+from te_llama.layerwise_adamw import LayerwiseAdamW
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(te_unavailable_reason() is not None,
                                                   reason=te_unavailable_reason() or "")]
@@ -22,6 +24,10 @@ BUDGET, MAX_DOC = 1024, 256
 # only by kernel choices (cuBLAS heuristics can pick another algorithm under capture).
 GRAPH_LOSS_REL = {"bf16": 2e-3, "fp8": 5e-3}
 GRAPH_PARAM_REL_L2 = {"bf16": 1e-2, "fp8": 2e-2}
+
+
+def family(precision: str) -> str:
+    return "bf16" if precision == "bf16" else "fp8"
 
 
 def rel_l2(got: torch.Tensor, want: torch.Tensor) -> float:
@@ -47,9 +53,10 @@ def packed_batches(vocab: int, count: int, seed: int = 0) -> list[dict]:
     return batches
 
 
-def train(model, batches: list[dict], precision: str, grad_accum: int) -> list[float]:
+def train(model, batches: list[dict], precision: str, grad_accum: int, layerwise: bool = False) -> list[float]:
     """AdamW steps of `grad_accum` micro-batches each; the mean micro-batch loss per step."""
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), lr=1e-4, fused=True) if layerwise else \
+        torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     losses = []
     for start in range(0, len(batches), grad_accum):
         total = 0.0
@@ -70,6 +77,8 @@ CASES = [  # (arch, precision, fuse_qkv, grad_accum)
     ("qwen2-qkv-bias-tied", "bf16", True, 2),
     ("qwen2-qkv-bias-tied", "fp8", True, 2),
     ("mistral-gqa", "bf16", False, 1),  # split Q/K/V: weight gradients through the graph's buffers
+    ("llama3.1-gqa-llama3-rope", "fp8-delayed", True, 1),  # amax history updated around the graphs
+    ("llama3.1-gqa-llama3-rope", "fp8-current", True, 2),
 ]
 
 
@@ -98,8 +107,34 @@ def test_graphed_training_matches_eager(arch: str, precision: str, fuse_qkv: boo
     assert graphs.eager_batches == 0, "a training batch missed the graphs"
     assert bool(graphs.grad_buffers) == fuse_qkv
     assert want[-1] < want[0] and got[-1] < got[0]
-    assert loss_gap <= GRAPH_LOSS_REL[precision]
-    assert param_gap <= GRAPH_PARAM_REL_L2[precision]
+    assert loss_gap <= GRAPH_LOSS_REL[family(precision)]
+    assert param_gap <= GRAPH_PARAM_REL_L2[family(precision)]
+
+
+LAYERWISE_CASES = [("bf16", True), ("fp8", True), ("fp8-delayed", True), ("bf16", False)]
+
+
+@pytest.mark.parametrize(("precision", "graphs"), LAYERWISE_CASES,
+                         ids=[f"{p}-{'graphs' if g else 'eager'}" for p, g in LAYERWISE_CASES])
+def test_layerwise_adamw_trains_like_adamw(precision: str, graphs: bool, record_metric) -> None:
+    """LayerwiseAdamW (updates on a second stream during backward) vs AdamW after backward."""
+    hf = random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
+    plain = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
+    overlapped = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
+    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
+    if graphs:
+        most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
+        for model in (plain, overlapped):
+            capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, accumulate_grads=False)
+    want = train(plain, batches, precision, 1)
+    got = train(overlapped, batches, precision, 1, layerwise=True)
+    loss_gap = max(abs(g - w) / w for g, w in zip(got, want))
+    param_gap = max(rel_l2(po, pp) for po, pp in zip(overlapped.parameters(), plain.parameters()))
+    record_metric(precision=precision, graphs=graphs, adamw_losses=want, layerwise_losses=got,
+                  max_loss_rel_gap=loss_gap, max_param_rel_l2=param_gap)
+    assert want[-1] < want[0] and got[-1] < got[0]
+    assert loss_gap <= GRAPH_LOSS_REL[family(precision)]
+    assert param_gap <= GRAPH_PARAM_REL_L2[family(precision)]
 
 
 def test_graphed_model_evaluates_and_exports_eagerly(tmp_path) -> None:

@@ -113,13 +113,23 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
     return model, packed_layout_kwargs(settings, device) if layout_up_front else {}
 
 
+def make_optimizer(model: torch.nn.Module, overlap: bool, fused: bool) -> torch.optim.Optimizer:
+    """AdamW (lr 1e-5, BF16 moments on BF16 weights) for every variant; per layer for the overlap variants."""
+    if overlap:
+        from ..convert import decoder_layers
+        from ..layerwise_adamw import LayerwiseAdamW
+
+        return LayerwiseAdamW(model, list(decoder_layers(model)), lr=1e-5, fused=fused)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
+
+
 def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     variant = VARIANTS[variant_name]
     cuda = "cuda" in variant.needs
     device = torch.device("cuda") if cuda else torch.device("cpu")
     model, extra = build_model(variant_name, settings)
     config = model.config
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=cuda)
+    optimizer = make_optimizer(model, variant.overlap_optimizer, fused=cuda)
     batches = token_batches(settings, config.vocab_size, device)
     times, losses, events = [], [], []
     for step in range(settings.warmup + settings.steps):

@@ -26,10 +26,23 @@ class Variant:
     """What te_llama.autocast runs the step under ("fp32" for the CPU reference)."""
     cuda_graphs: bool = False
     """Capture the TE layers as CUDA graphs before timing (te-llama finetune's default with packing)."""
+    overlap_optimizer: bool = False
+    """Train with LayerwiseAdamW: each layer's update starts in backward, on a second stream."""
 
 
 def _te_variant(precision: str) -> Variant:
     return Variant(f"te-{precision}", f"te-llama TE layers, {precision}", ("cuda", "te", "fp8"), precision)
+
+
+def _te_graphs_variants(precision: str) -> list[Variant]:
+    """TE layers as CUDA graphs, with AdamW after backward and with LayerwiseAdamW overlapping it."""
+    label = "FP8 (block scaling)" if precision == "fp8" else precision
+    needs = ("cuda", "te") if precision == "bf16" else ("cuda", "te", "fp8")
+    return [Variant(f"te-{precision}-graphs", f"te-llama TE layers as CUDA graphs, {label}", needs, precision,
+                    cuda_graphs=True),
+            Variant(f"te-{precision}-graphs-overlap", f"te-llama TE layers as CUDA graphs, {label}, "
+                    "AdamW per layer overlapping backward", needs, precision, cuda_graphs=True,
+                    overlap_optimizer=True)]
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -41,9 +54,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             ("cuda", "torchao")),
     Variant("te-bf16", "te-llama TE layers, BF16", ("cuda", "te")),
     *[_te_variant(p) for p in FP8_PRECISIONS],
-    Variant("te-bf16-graphs", "te-llama TE layers as CUDA graphs, BF16", ("cuda", "te"), cuda_graphs=True),
-    Variant("te-fp8-graphs", "te-llama TE layers as CUDA graphs, FP8 (block scaling)", ("cuda", "te", "fp8"),
-            "fp8", cuda_graphs=True),
+    *[v for p in ("bf16", *FP8_PRECISIONS) for v in _te_graphs_variants(p)],
     Variant("reference", "te-llama reference layers (pure PyTorch), float32 on CPU", (), "fp32"),
     Variant("hf-cpu", "transformers as is, float32 on CPU (harness checks)", (), "fp32"),
 ]}

@@ -1,0 +1,97 @@
+"""AdamW that updates each decoder layer as soon as backward is done with it, on a second CUDA stream.
+
+Why: with the layers as CUDA graphs, AdamW is a quarter of an FP8 step on a 7B model
+(~42 of ~162 ms, docs/SPEED_NOTES.md) and runs after backward, when the tensor cores idle.
+The update is memory-bound and the backward's GEMMs are compute-bound, so starting layer i's
+update while layer i-1's backward runs lets the two share the GPU.
+
+What it needs: a layer's gradients must be final when its backward ends. So one backward per
+optimizer step (no gradient accumulation), no clipping by the global gradient norm (which
+needs every gradient first) and no gradient all-reduce (one process). A second backward before
+`step()` raises. The embeddings, the final norm and the lm_head are updated in `step()`.
+
+It is a `torch.optim.AdamW` with one parameter group per decoder layer (and one for the rest):
+`state_dict`, learning-rate schedulers and `zero_grad` behave as usual, and on CPU the layer
+updates simply run inline.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class LayerwiseAdamW(torch.optim.AdamW):
+    """AdamW whose per-layer updates start from backward hooks; `step()` does the rest and joins."""
+
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], **adamw_kwargs: Any) -> None:
+        if getattr(model, "is_gradient_checkpointing", False):
+            raise ValueError("LayerwiseAdamW cannot run with activation checkpointing: recomputed layers run their "
+                             "forward again inside backward; turn one of the two off")
+        layer_groups = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
+        in_layers = {id(p) for params in layer_groups for p in params}
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
+        groups = [{"params": params} for params in layer_groups if params] + ([{"params": rest}] if rest else [])
+        if not groups:
+            raise ValueError("LayerwiseAdamW: the model has no trainable parameters")
+        super().__init__(groups, **adamw_kwargs)
+        device = next(p.device for group in groups for p in group["params"])
+        self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._stepped: set[int] = set()  # groups updated since the last step()
+        self._hooks = []
+        index = 0
+        for layer, params in zip(layers, layer_groups):
+            if params:
+                self._hooks.append(layer.register_forward_pre_hook(
+                    functools.partial(self._watch_layer_input, index), with_kwargs=True))
+                index += 1
+
+    def _watch_layer_input(self, group_index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
+        """On a training forward: hook the layer's input, whose gradient is the last thing its backward makes."""
+        hidden = args[0] if args else kwargs.get("hidden_states")
+        if torch.is_grad_enabled() and layer.training and torch.is_tensor(hidden) and hidden.requires_grad:
+            hidden.register_hook(functools.partial(self._layer_backward_done, group_index))
+
+    def _layer_backward_done(self, group_index: int, grad: torch.Tensor) -> None:
+        # Runs before autograd moves on to the layer below; the layer's own weight gradients
+        # have been accumulated by then (autograd runs AccumulateGrad nodes first).
+        if group_index in self._stepped:
+            raise RuntimeError("LayerwiseAdamW updates each layer during backward, so it takes exactly one backward "
+                               "per optimizer step: call step() after each backward (no gradient accumulation)")
+        self._stepped.add(group_index)
+        group = [self.param_groups[group_index]]
+        if self._side_stream is None:
+            self._update(group)
+            return
+        self._side_stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self._side_stream):
+            self._update(group)
+
+    def _update(self, groups: list[dict]) -> None:
+        """AdamW's own step on some of the groups (it walks `self.param_groups`)."""
+        everything = self.param_groups
+        self.param_groups = groups
+        try:
+            super().step()
+        finally:
+            self.param_groups = everything
+
+    def step(self, closure: None = None) -> None:
+        """Update what backward did not (embeddings, final norm, lm_head), then wait for the layer updates."""
+        if closure is not None:
+            raise ValueError("LayerwiseAdamW.step takes no closure (its updates start inside backward)")
+        pending = [g for i, g in enumerate(self.param_groups) if i not in self._stepped]
+        if pending:
+            self._update(pending)
+        if self._side_stream is not None:
+            torch.cuda.current_stream().wait_stream(self._side_stream)
+        self._stepped.clear()
+
+    def remove_hooks(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks.clear()

@@ -1,0 +1,117 @@
+"""LayerwiseAdamW against torch's AdamW on the same model and data (CPU: HF layers and our reference layers)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import random_hf_model
+
+from te_llama.convert import convert, decoder_layers
+from te_llama.layerwise_adamw import LayerwiseAdamW
+
+ADAMW = {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
+STEPS = 3
+
+
+def batches(vocab: int, count: int = STEPS) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(1)
+    return [torch.randint(0, vocab, (2, 24), generator=gen) for _ in range(count)]
+
+
+def model_for(backend: str, arch: str = "llama3.1-gqa-llama3-rope") -> torch.nn.Module:
+    hf = random_hf_model(arch)
+    model = hf if backend == "hf" else convert(hf, backend="reference", fuse_qkv=True)
+    return model.train()
+
+
+def train(model, optimizer, data: list[torch.Tensor]) -> list[float]:
+    losses = []
+    for ids in data:
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses
+
+
+def layerwise(model) -> LayerwiseAdamW:
+    return LayerwiseAdamW(model, list(decoder_layers(model)), **ADAMW)
+
+
+@pytest.mark.parametrize("backend", ["hf", "reference"])
+@pytest.mark.parametrize("arch", ["llama3.1-gqa-llama3-rope", "qwen2-qkv-bias-tied"])
+def test_same_training_as_adamw(backend: str, arch: str) -> None:
+    plain = model_for(backend, arch)
+    ours = copy.deepcopy(plain)
+    data = batches(plain.config.vocab_size)
+    want = train(plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], **ADAMW), data)
+    got = train(ours, layerwise(ours), data)
+    assert got == want
+    for (name, p), q in zip(plain.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
+
+
+def test_layers_are_updated_during_backward() -> None:
+    model = model_for("reference")
+    optimizer = layerwise(model)
+    layer_weight = next(decoder_layers(model)[0].parameters())
+    head_weight = model.lm_head.weight
+    before_layer, before_head = layer_weight.detach().clone(), head_weight.detach().clone()
+    ids = batches(model.config.vocab_size, 1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert not torch.equal(layer_weight, before_layer), "the first layer was not updated during backward"
+    assert torch.equal(head_weight, before_head), "the lm_head must wait for step()"
+    optimizer.step()
+    assert not torch.equal(head_weight, before_head)
+
+
+def test_second_backward_before_step_is_refused() -> None:
+    model = model_for("hf")
+    optimizer = layerwise(model)
+    ids = batches(model.config.vocab_size, 1)[0]
+    model(input_ids=ids, labels=ids).loss.backward()
+    with pytest.raises(RuntimeError, match="one backward per optimizer step"):
+        model(input_ids=ids, labels=ids).loss.backward()
+    optimizer.zero_grad()
+
+
+def test_no_grad_forward_and_frozen_layer() -> None:
+    model = model_for("hf")
+    for p in decoder_layers(model)[1].parameters():
+        p.requires_grad_(False)
+    frozen = [p.detach().clone() for p in decoder_layers(model)[1].parameters()]
+    plain = copy.deepcopy(model)
+    ids = batches(model.config.vocab_size, 1)[0]
+    optimizer = layerwise(model)
+    with torch.no_grad():
+        model(input_ids=ids)  # registers nothing: no backward will come
+    got = train(model, optimizer, [ids, ids])
+    want = train(plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], **ADAMW), [ids, ids])
+    assert got == want
+    assert all(torch.equal(p, q) for p, q in zip(decoder_layers(model)[1].parameters(), frozen))
+
+
+def test_resume_from_state_dict_continues_exactly() -> None:
+    model = model_for("reference")
+    data = batches(model.config.vocab_size, 4)
+    straight = copy.deepcopy(model)
+    want = train(straight, layerwise(straight), data)
+
+    optimizer = layerwise(model)
+    first = train(model, optimizer, data[:2])
+    saved_model, saved_optimizer = copy.deepcopy(model.state_dict()), copy.deepcopy(optimizer.state_dict())
+    resumed = model_for("reference")
+    resumed.load_state_dict(saved_model)
+    optimizer = layerwise(resumed)
+    optimizer.load_state_dict(saved_optimizer)
+    assert first + train(resumed, optimizer, data[2:]) == want
+
+
+def test_refuses_activation_checkpointing() -> None:
+    model = model_for("hf")
+    model.gradient_checkpointing_enable()
+    with pytest.raises(ValueError, match="activation checkpointing"):
+        layerwise(model)
