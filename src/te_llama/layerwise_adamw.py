@@ -28,7 +28,10 @@ from torch import nn
 class LayerwiseAdamW(torch.optim.AdamW):
     """AdamW whose per-layer updates start from backward hooks; `step()` does the rest and joins."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], **adamw_kwargs: Any) -> None:
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], stream_priority: int = 0,
+                 **adamw_kwargs: Any) -> None:
+        """stream_priority: of the side stream; -1 (high) lets its updates take SMs ahead of the
+        backward's queued GEMM blocks (torch.cuda.Stream's priority: lower is higher)."""
         if getattr(model, "is_gradient_checkpointing", False):
             raise ValueError("LayerwiseAdamW cannot run with activation checkpointing: recomputed layers run their "
                              "forward again inside backward; turn one of the two off")
@@ -40,7 +43,7 @@ class LayerwiseAdamW(torch.optim.AdamW):
             raise ValueError("LayerwiseAdamW: the model has no trainable parameters")
         super().__init__(groups, **adamw_kwargs)
         device = next(p.device for group in groups for p in group["params"])
-        self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._side_stream = torch.cuda.Stream(device, priority=stream_priority) if device.type == "cuda" else None
         self._stepped: set[int] = set()  # groups updated since the last step()
         self._hooks = []
         index = 0

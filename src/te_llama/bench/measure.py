@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 
 from ..precision import autocast
 from ..presets import preset_config
-from .variants import VARIANTS, prepare
+from .variants import VARIANTS, Variant, prepare
 
 DENSE_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4,
                           "A100": 312.0}
@@ -113,13 +113,14 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
     return model, packed_layout_kwargs(settings, device) if layout_up_front else {}
 
 
-def make_optimizer(model: torch.nn.Module, overlap: bool, fused: bool) -> torch.optim.Optimizer:
+def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool) -> torch.optim.Optimizer:
     """AdamW (lr 1e-5, BF16 moments on BF16 weights) for every variant; per layer for the overlap variants."""
-    if overlap:
+    if variant.overlap_optimizer:
         from ..convert import decoder_layers
         from ..layerwise_adamw import LayerwiseAdamW
 
-        return LayerwiseAdamW(model, list(decoder_layers(model)), lr=1e-5, fused=fused)
+        return LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority, lr=1e-5,
+                              fused=fused)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
 
 
@@ -129,7 +130,7 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     device = torch.device("cuda") if cuda else torch.device("cpu")
     model, extra = build_model(variant_name, settings)
     config = model.config
-    optimizer = make_optimizer(model, variant.overlap_optimizer, fused=cuda)
+    optimizer = make_optimizer(model, variant, fused=cuda)
     batches = token_batches(settings, config.vocab_size, device)
     times, losses, events = [], [], []
     for step in range(settings.warmup + settings.steps):

@@ -28,6 +28,8 @@ class Variant:
     """Capture the TE layers as CUDA graphs before timing (te-llama finetune's default with packing)."""
     overlap_optimizer: bool = False
     """Train with LayerwiseAdamW: each layer's update starts in backward, on a second stream."""
+    overlap_stream_priority: int = 0
+    """That stream's priority (-1: high)."""
 
 
 def _te_variant(precision: str) -> Variant:
@@ -42,7 +44,10 @@ def _te_graphs_variants(precision: str) -> list[Variant]:
                     cuda_graphs=True),
             Variant(f"te-{precision}-graphs-overlap", f"te-llama TE layers as CUDA graphs, {label}, "
                     "AdamW per layer overlapping backward", needs, precision, cuda_graphs=True,
-                    overlap_optimizer=True)]
+                    overlap_optimizer=True),
+            Variant(f"te-{precision}-graphs-overlap-hp", f"te-llama TE layers as CUDA graphs, {label}, "
+                    "AdamW per layer overlapping backward on a high-priority stream", needs, precision,
+                    cuda_graphs=True, overlap_optimizer=True, overlap_stream_priority=-1)]
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
