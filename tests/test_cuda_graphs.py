@@ -23,6 +23,7 @@ from te_llama.cuda_graphs import (
     install_graphs,
     installed_graphs,
     padded_cu_seqlens,
+    shared_buffer_sets,
     static_layer_calls,
 )
 from te_llama.data import IGNORE_INDEX
@@ -125,3 +126,13 @@ def test_release_undoes_a_half_done_capture() -> None:
     assert installed_graphs(model) is None
     model(torch.randint(0, 50, (1, 12)), labels=torch.randint(0, 50, (1, 12))).loss.backward()
     assert weight.grad is not None and weight.grad.abs().sum() > 0
+
+
+def test_shared_buffer_sets_are_one_layer_each_and_refuse_unequal_layers() -> None:
+    layers = [[torch.nn.Parameter(torch.randn(6, 4)), torch.nn.Parameter(torch.randn(4, 3))] for _ in range(5)]
+    sets = shared_buffer_sets(layers, 2)
+    assert len(sets) == 2 and [tuple(b.shape) for b in sets[0]] == [(6, 4), (4, 3)]
+    assert sets[0][0].data_ptr() != sets[1][0].data_ptr() and not sets[1][1].any()
+    layers[3][1] = torch.nn.Parameter(torch.randn(4, 5))
+    with pytest.raises(ValueError, match="layer 3"):
+        shared_buffer_sets(layers, 2)

@@ -115,3 +115,11 @@ def test_refuses_activation_checkpointing() -> None:
     model.gradient_checkpointing_enable()
     with pytest.raises(ValueError, match="activation checkpointing"):
         layerwise(model)
+
+
+def test_reused_grad_buffers_need_every_layer_trainable() -> None:
+    model = model_for("hf")
+    for p in decoder_layers(model)[0].parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="every decoder layer trainable"):
+        LayerwiseAdamW(model, list(decoder_layers(model)), reused_grad_buffers=2, **ADAMW)

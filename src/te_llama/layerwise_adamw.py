@@ -29,9 +29,12 @@ class LayerwiseAdamW(torch.optim.AdamW):
     """AdamW whose per-layer updates start from backward hooks; `step()` does the rest and joins."""
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], stream_priority: int = 0,
-                 **adamw_kwargs: Any) -> None:
+                 reused_grad_buffers: int = 0, **adamw_kwargs: Any) -> None:
         """stream_priority: of the side stream; -1 (high) lets its updates take SMs ahead of the
-        backward's queued GEMM blocks (torch.cuda.Stream's priority: lower is higher)."""
+        backward's queued GEMM blocks (torch.cuda.Stream's priority: lower is higher).
+        reused_grad_buffers=N: layer i's weight gradients live in buffer set i % N
+        (`capture_cuda_graphs(shared_grad_buffers=N)`); the backward of each layer then waits
+        for the update of the layer N above it, the buffer's previous user."""
         if getattr(model, "is_gradient_checkpointing", False):
             raise ValueError("LayerwiseAdamW cannot run with activation checkpointing: recomputed layers run their "
                              "forward again inside backward; turn one of the two off")
@@ -41,7 +44,11 @@ class LayerwiseAdamW(torch.optim.AdamW):
         groups = [{"params": params} for params in layer_groups if params] + ([{"params": rest}] if rest else [])
         if not groups:
             raise ValueError("LayerwiseAdamW: the model has no trainable parameters")
+        if reused_grad_buffers and any(not params for params in layer_groups):
+            raise ValueError("reused gradient buffers need every decoder layer trainable (one group per layer)")
         super().__init__(groups, **adamw_kwargs)
+        self._reused_grad_buffers = reused_grad_buffers
+        self._updated: dict[int, torch.cuda.Event] = {}  # group -> event after its update (this backward)
         device = next(p.device for group in groups for p in group["params"])
         self._side_stream = torch.cuda.Stream(device, priority=stream_priority) if device.type == "cuda" else None
         self._stepped: set[int] = set()  # groups updated since the last step()
@@ -70,9 +77,16 @@ class LayerwiseAdamW(torch.optim.AdamW):
         if self._side_stream is None:
             self._update(group)
             return
-        self._side_stream.wait_stream(torch.cuda.current_stream())
+        main = torch.cuda.current_stream()
+        self._side_stream.wait_stream(main)
         with torch.cuda.stream(self._side_stream):
             self._update(group)
+            self._updated[group_index] = torch.cuda.Event()
+            self._updated[group_index].record()
+        if self._reused_grad_buffers:  # the layer below writes the buffer the layer N above it used
+            previous_user = self._updated.get(group_index - 1 + self._reused_grad_buffers)
+            if previous_user is not None:
+                main.wait_event(previous_user)
 
     def _update(self, groups: list[dict]) -> None:
         """AdamW's own step on some of the groups (it walks `self.param_groups`)."""
@@ -93,6 +107,7 @@ class LayerwiseAdamW(torch.optim.AdamW):
         if self._side_stream is not None:
             torch.cuda.current_stream().wait_stream(self._side_stream)
         self._stepped.clear()
+        self._updated.clear()
 
     def remove_hooks(self) -> None:
         for handle in self._hooks:

@@ -53,9 +53,11 @@ def packed_batches(vocab: int, count: int, seed: int = 0) -> list[dict]:
     return batches
 
 
-def train(model, batches: list[dict], precision: str, grad_accum: int, layerwise: bool = False) -> list[float]:
+def train(model, batches: list[dict], precision: str, grad_accum: int, layerwise: bool = False,
+          reused_grad_buffers: int = 0) -> list[float]:
     """AdamW steps of `grad_accum` micro-batches each; the mean micro-batch loss per step."""
-    optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), lr=1e-4, fused=True) if layerwise else \
+    optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), reused_grad_buffers=reused_grad_buffers, lr=1e-4,
+                               fused=True) if layerwise else \
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     losses = []
     for start in range(0, len(batches), grad_accum):
@@ -111,26 +113,30 @@ def test_graphed_training_matches_eager(arch: str, precision: str, fuse_qkv: boo
     assert param_gap <= GRAPH_PARAM_REL_L2[family(precision)]
 
 
-LAYERWISE_CASES = [("bf16", True), ("fp8", True), ("fp8-delayed", True), ("bf16", False)]
+LAYERWISE_CASES = [  # (precision, graphs, shared gradient buffers)
+    ("bf16", True, 0), ("fp8", True, 0), ("fp8-delayed", True, 2), ("fp8-current", True, 1), ("bf16", True, 2),
+    ("bf16", False, 0)]
 
 
-@pytest.mark.parametrize(("precision", "graphs"), LAYERWISE_CASES,
-                         ids=[f"{p}-{'graphs' if g else 'eager'}" for p, g in LAYERWISE_CASES])
-def test_layerwise_adamw_trains_like_adamw(precision: str, graphs: bool, record_metric) -> None:
-    """LayerwiseAdamW (updates on a second stream during backward) vs AdamW after backward."""
+@pytest.mark.parametrize(("precision", "graphs", "shared"), LAYERWISE_CASES,
+                         ids=[f"{p}-{'graphs' if g else 'eager'}-shared{n}" for p, g, n in LAYERWISE_CASES])
+def test_layerwise_adamw_trains_like_adamw(precision: str, graphs: bool, shared: int, record_metric) -> None:
+    """LayerwiseAdamW (updates on a second stream during backward) vs AdamW after backward;
+    with `shared`, the graphed layers' weight gradients live in that many buffer sets."""
     hf = random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
     plain = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
     overlapped = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
     batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
     if graphs:
         most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
-        for model in (plain, overlapped):
-            capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, accumulate_grads=False)
+        for model, buffers in ((plain, 0), (overlapped, shared)):
+            capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, accumulate_grads=False,
+                                shared_grad_buffers=buffers)
     want = train(plain, batches, precision, 1)
-    got = train(overlapped, batches, precision, 1, layerwise=True)
+    got = train(overlapped, batches, precision, 1, layerwise=True, reused_grad_buffers=shared)
     loss_gap = max(abs(g - w) / w for g, w in zip(got, want))
     param_gap = max(rel_l2(po, pp) for po, pp in zip(overlapped.parameters(), plain.parameters()))
-    record_metric(precision=precision, graphs=graphs, adamw_losses=want, layerwise_losses=got,
+    record_metric(precision=precision, graphs=graphs, shared_grad_buffers=shared, adamw_losses=want, layerwise_losses=got,
                   max_loss_rel_gap=loss_gap, max_param_rel_l2=param_gap)
     assert want[-1] < want[0] and got[-1] < got[0]
     assert loss_gap <= GRAPH_LOSS_REL[family(precision)]

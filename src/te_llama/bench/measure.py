@@ -27,6 +27,10 @@ DENSE_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL
                           "A100": 312.0}
 
 
+OVERLAP_GRAD_BUFFERS = 2
+"""Graphed overlap variants keep two layers' weight gradients, not all (LayerwiseAdamW consumes them)."""
+
+
 @dataclass
 class BenchSettings:
     preset: str = "llama2-7b"
@@ -107,7 +111,8 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
         from ..cuda_graphs import StaticShape, capture_cuda_graphs
 
         capture_cuda_graphs(model, StaticShape(settings.batch * settings.seq, settings.batch, settings.seq),
-                            variant.precision, accumulate_grads=False)  # one backward per step
+                            variant.precision, accumulate_grads=False,  # one backward per step
+                            shared_grad_buffers=OVERLAP_GRAD_BUFFERS if variant.overlap_optimizer else 0)
     ours = variant.name.startswith(("te-", "reference"))
     layout_up_front = ours and (settings.layout_kwargs or variant.cuda_graphs)
     return model, packed_layout_kwargs(settings, device) if layout_up_front else {}
@@ -119,8 +124,8 @@ def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool) -> tor
         from ..convert import decoder_layers
         from ..layerwise_adamw import LayerwiseAdamW
 
-        return LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority, lr=1e-5,
-                              fused=fused)
+        return LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority,
+                              OVERLAP_GRAD_BUFFERS if variant.cuda_graphs else 0, lr=1e-5, fused=fused)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
 
 
