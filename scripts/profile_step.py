@@ -4,7 +4,8 @@
 
 Categories come from kernel names (GEMM, attention, optimizer, norm, RoPE, FP8 cast/amax,
 loss/softmax, other elementwise). "idle" = step wall time minus GPU busy time (launch gaps,
-host syncs).
+host syncs). With an -overlap variant, kernels of two streams run at once: busy can exceed
+the step and "idle" goes negative; each category then counts its kernels' own durations.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ def profile(variant: str, preset: str, batch: int, seq: int, steps: int) -> dict
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from te_llama.bench.measure import BenchSettings, build_model
+    from te_llama.bench.measure import BenchSettings, build_model, make_optimizer
     from te_llama.bench.variants import VARIANTS
     from te_llama.precision import autocast
 
     v = VARIANTS[variant]
     model, extra = build_model(variant, BenchSettings(preset=preset, batch=batch, seq=seq))
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
+    opt = make_optimizer(model, v, fused=True)  # the bench's own optimizer (LayerwiseAdamW for -overlap)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
     def step():
