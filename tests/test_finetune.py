@@ -263,3 +263,32 @@ def test_activation_checkpointing_gives_the_same_losses(tmp_path) -> None:
     recomputed = run(tmp_path, "recomputed", max_steps=3, save_every=0, activation_checkpointing=True)
     want, got = train_losses(plain.output_dir), train_losses(recomputed.output_dir)
     assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_overlapped_optimizer_trains_and_resumes_like_adamw(tmp_path, caplog) -> None:
+    """Without clipping LayerwiseAdamW is on by default; same losses as --no-overlap-optimizer, resume exact."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="te_llama")
+    overlapped = run(tmp_path, "overlap", max_grad_norm=0.0)
+    assert "optimizer overlap off" not in caplog.text
+    plain = run(tmp_path, "plain", max_grad_norm=0.0, overlap_optimizer=False)
+    assert "optimizer overlap off: --no-overlap-optimizer" in caplog.text
+    want, got = train_losses(plain.output_dir), train_losses(overlapped.output_dir)
+    assert got == want
+    run(tmp_path, "split", max_grad_norm=0.0, stop_after_steps=6)
+    resumed = train_losses(run(tmp_path, "split", max_grad_norm=0.0, resume=True).output_dir)
+    assert [resumed[step] for step in range(7, 13)] == [want[step] for step in range(7, 13)]
+
+
+def test_overlap_is_off_where_it_would_change_training(caplog) -> None:
+    from te_llama.finetune import Runtime, overlap_off_reason
+
+    runtime = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
+    base = {"max_grad_norm": 0.0}
+    assert overlap_off_reason(resolve_config(**base), runtime, 1) is None
+    assert "clipping" in overlap_off_reason(resolve_config(), runtime, 1)
+    assert "grad_accum" in overlap_off_reason(resolve_config(**base, grad_accum=2), runtime, 1)
+    assert "several processes" in overlap_off_reason(resolve_config(**base), runtime, 2)
+    assert "activation checkpointing" in overlap_off_reason(resolve_config(**base, activation_checkpointing=True),
+                                                            runtime, 1)

@@ -29,7 +29,7 @@ from .batching import (
 )
 from .builtin import SAMPLE_TEXT, asset_path, builtin_model, builtin_tokenizer
 from .checkpoint import from_pretrained, save_pretrained
-from .convert import convert
+from .convert import convert, decoder_layers
 from .cuda_graphs import (
     StaticShape,
     capture_cuda_graphs,
@@ -40,6 +40,7 @@ from .cuda_graphs import (
 from .data import DataError, DataReport, load_examples, split_eval
 from .errors import TeLlamaError
 from .finetune_config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
+from .layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .parallel import (
     PARALLEL_MODES,
@@ -236,9 +237,27 @@ def graphs_off_reason(config: FinetuneConfig, runtime: Runtime, model, world: in
     return graphs_unsupported_reason(model)
 
 
+def overlap_off_reason(config: FinetuneConfig, runtime: Runtime, world: int) -> str | None:
+    """Why LayerwiseAdamW would not be exactly AdamW after backward here, or None. (On a CPU it
+    runs each layer's update inline: the same math, nothing gained, nothing lost.)"""
+    if not config.overlap_optimizer:
+        return "--no-overlap-optimizer"
+    if config.grad_accum > 1:
+        return "grad_accum > 1 (gradients are final only after the last micro-batch)"
+    if config.max_grad_norm > 0:
+        return ("max_grad_norm > 0 (clipping needs every gradient before any update; "
+                "--max-grad-norm 0 turns the overlap on)")
+    if world > 1 or config.parallel == "fsdp2":
+        return "several processes (gradients are reduced after backward)"
+    if config.activation_checkpointing:
+        return "activation checkpointing re-runs layers inside backward"
+    return None
+
+
 def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: BatchSource, steps: int,
-                      world: int) -> bool:
-    """Capture the layers for the packed token budget, and pad every training row to it."""
+                      world: int, shared_grad_buffers: int = 0) -> bool:
+    """Capture the layers for the packed token budget, and pad every training row to it.
+    shared_grad_buffers: for LayerwiseAdamW, whose updates consume each layer's gradients in backward."""
     reason = graphs_off_reason(config, runtime, model, world)
     if reason:
         logger.info("CUDA graphs off: %s", reason)
@@ -252,7 +271,7 @@ def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: Ba
     max_docs = max_docs_per_batch(plans, train.lengths, budget, config.max_seq_len)
     try:
         capture_cuda_graphs(model, StaticShape(budget, max_docs, config.max_seq_len), runtime.precision,
-                            accumulate_grads=config.grad_accum > 1)
+                            accumulate_grads=config.grad_accum > 1, shared_grad_buffers=shared_grad_buffers)
     except torch.OutOfMemoryError:
         release_cuda_graphs(model)
         logger.warning("CUDA graphs off: capturing them ran out of GPU memory; running eagerly "
@@ -328,8 +347,13 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         require_process_group("fsdp2")
         model = shard_fsdp2(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  fused=runtime.device.type == "cuda")
+    overlap_off = overlap_off_reason(config, runtime, world)
+    adamw = {"lr": config.learning_rate, "weight_decay": config.weight_decay, "fused": runtime.device.type == "cuda"}
+    if overlap_off:
+        logger.info("optimizer overlap off: %s", overlap_off)
+        optimizer = torch.optim.AdamW(params, **adamw)
+    else:  # the layers' updates start during backward (docs/SPEED_NOTES.md, change 4)
+        optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), reused_grad_buffers=GRAD_BUFFER_SETS, **adamw)
     scheduler = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
     # The schedule counts optimizer steps of the global batch, so it stays outside prepare()
@@ -351,7 +375,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         if main:
             _truncate_metrics(metrics.path, position.step)
         logger.info("resumed from %s (step %d)", found[-1], position.step)
-    setup_cuda_graphs(config, runtime, accelerator.unwrap_model(model), train, steps, world)
+    setup_cuda_graphs(config, runtime, accelerator.unwrap_model(model), train, steps, world,
+                      shared_grad_buffers=GRAD_BUFFER_SETS if not overlap_off and config.fuse_qkv else 0)
     _log_start(config, runtime, report, len(train_set), steps, position)
 
     # ---- train

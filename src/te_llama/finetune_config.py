@@ -61,6 +61,8 @@ class FinetuneConfig:
     """With several processes: "ddp" (replicas, through accelerate) or "fsdp2" (torch FSDP2, sharded; needs torchrun/accelerate launch)."""
     cuda_graphs: bool = True
     """Replay the TE layers as CUDA graphs (backend te, packing, one process, no activation checkpointing; otherwise eager, logged). Packed rows are then padded to the token budget."""
+    overlap_optimizer: bool = True
+    """Update each decoder layer during backward on a second CUDA stream (LayerwiseAdamW), overlapping AdamW with the backward's GEMMs; with CUDA graphs the layers' weight gradients then share two buffers. Only where that equals AdamW after backward: grad_accum 1, max_grad_norm 0, one process, no activation checkpointing (otherwise plain AdamW, logged)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward: less memory, about a third more compute."""
     seed: int = 0

@@ -24,6 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
+GRAD_BUFFER_SETS = 2
+"""Weight-gradient buffer sets graphed layers share under LayerwiseAdamW: two lets one layer's
+backward run while the update of the layer above still reads its gradients."""
+
 
 class LayerwiseAdamW(torch.optim.AdamW):
     """AdamW whose per-layer updates start from backward hooks; `step()` does the rest and joins."""

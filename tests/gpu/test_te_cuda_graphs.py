@@ -201,3 +201,25 @@ def test_released_graphs_train_like_eager(record_metric) -> None:
     want, got = train(eager, batches, "bf16", 1), train(released, batches, "bf16", 1)
     record_metric(eager_losses=want, released_losses=got)
     assert got == want
+
+
+def test_finetune_overlaps_the_optimizer_without_clipping(tmp_path, caplog, record_metric) -> None:
+    """`te-llama finetune --max-grad-norm 0`: LayerwiseAdamW + graphs with shared gradient buffers
+    (the default then) vs --no-overlap-optimizer."""
+    import logging
+
+    from te_llama.finetune import finetune
+    from te_llama.finetune_config import resolve_config
+
+    caplog.set_level(logging.INFO, logger="te_llama")
+    results = {}
+    for overlap in (True, False):
+        config = resolve_config(output_dir=str(tmp_path / f"overlap-{overlap}"), backend="te", precision="bf16",
+                                max_steps=12, max_grad_norm=0.0, overlap_optimizer=overlap, eval_fraction=0.0,
+                                save_every=0, tensorboard=False, cache_dir=str(tmp_path / "cache"))
+        results[overlap] = finetune(config)
+    gap = abs(results[True].final_loss - results[False].final_loss) / results[False].final_loss
+    record_metric(overlapped_loss=results[True].final_loss, adamw_loss=results[False].final_loss, relative_gap=gap)
+    assert caplog.text.count("captured CUDA graphs") == 2
+    assert caplog.text.count("optimizer overlap off") == 1
+    assert gap <= 1e-6

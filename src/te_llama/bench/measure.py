@@ -19,16 +19,13 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import AutoModelForCausalLM
 
+from ..layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
 from ..precision import autocast
 from ..presets import preset_config
 from .variants import VARIANTS, Variant, prepare
 
 DENSE_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4,
                           "A100": 312.0}
-
-
-OVERLAP_GRAD_BUFFERS = 2
-"""Graphed overlap variants keep two layers' weight gradients, not all (LayerwiseAdamW consumes them)."""
 
 
 @dataclass
@@ -112,7 +109,7 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
 
         capture_cuda_graphs(model, StaticShape(settings.batch * settings.seq, settings.batch, settings.seq),
                             variant.precision, accumulate_grads=False,  # one backward per step
-                            shared_grad_buffers=OVERLAP_GRAD_BUFFERS if variant.overlap_optimizer else 0)
+                            shared_grad_buffers=GRAD_BUFFER_SETS if variant.overlap_optimizer else 0)
     ours = variant.name.startswith(("te-", "reference"))
     layout_up_front = ours and (settings.layout_kwargs or variant.cuda_graphs)
     return model, packed_layout_kwargs(settings, device) if layout_up_front else {}
@@ -122,10 +119,9 @@ def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool) -> tor
     """AdamW (lr 1e-5, BF16 moments on BF16 weights) for every variant; per layer for the overlap variants."""
     if variant.overlap_optimizer:
         from ..convert import decoder_layers
-        from ..layerwise_adamw import LayerwiseAdamW
 
         return LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority,
-                              OVERLAP_GRAD_BUFFERS if variant.cuda_graphs else 0, lr=1e-5, fused=fused)
+                              GRAD_BUFFER_SETS if variant.cuda_graphs else 0, lr=1e-5, fused=fused)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
 
 
