@@ -1,4 +1,4 @@
-"""AdamW step time on a 7B model's parameter shapes: torch's fused AdamW vs TE's FusedAdam.
+"""AdamW step time on a 7B model's parameter shapes: torch's fused AdamW, TE's FusedAdam, our Triton kernel.
 
     python3 scripts/optimizer_bench.py --preset llama2-7b
 
@@ -41,6 +41,21 @@ def copy_bandwidth(numel: int = 2**30) -> float:
     return 10 * 2 * 2 * numel / (start.elapsed_time(end) / 1000) / 1e9
 
 
+class TritonAdamW:
+    """te_llama.triton_adamw's kernel over every tensor, as LayerwiseAdamW(kernel="triton") runs it."""
+
+    def __init__(self, params: list[torch.nn.Parameter]) -> None:
+        self.params, self.steps = params, 0
+        self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
+
+    def step(self) -> None:
+        from te_llama.triton_adamw import adamw_update
+
+        self.steps += 1
+        for p, (m, v) in zip(self.params, self.moments):
+            adamw_update(p, p.grad, m, v, self.steps, 1e-5, (0.9, 0.999), 1e-8, 1e-2)
+
+
 def time_optimizer(name: str, shapes: list[tuple[int, ...]], steps: int = 10) -> float:
     gen = torch.Generator(device="cuda").manual_seed(0)
     params = [torch.nn.Parameter(torch.randn(s, device="cuda", dtype=torch.bfloat16, generator=gen) * 0.02)
@@ -49,6 +64,8 @@ def time_optimizer(name: str, shapes: list[tuple[int, ...]], steps: int = 10) ->
         p.grad = torch.randn(p.shape, device="cuda", dtype=torch.bfloat16, generator=gen) * 1e-3
     if name == "torch-fused":
         opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    elif name == "triton":
+        opt = TritonAdamW(params)
     else:
         from transformer_engine.pytorch.optimizers import FusedAdam
 
@@ -77,7 +94,7 @@ def main() -> None:
     numel = sum(torch.Size(s).numel() for s in shapes)
     bandwidth = copy_bandwidth()
     floor_ms = 14 * numel / (bandwidth * 1e9) * 1000
-    rows = {name: time_optimizer(name, shapes) for name in ("torch-fused", "te-fused-adam")}
+    rows = {name: time_optimizer(name, shapes) for name in ("torch-fused", "te-fused-adam", "triton")}
     print(json.dumps({"params": numel, "copy_GBps": round(bandwidth), "traffic_floor_ms": round(floor_ms, 1),
                       "median_ms": {k: round(v, 1) for k, v in rows.items()}}))
 

@@ -123,3 +123,11 @@ def test_reused_grad_buffers_need_every_layer_trainable() -> None:
         p.requires_grad_(False)
     with pytest.raises(ValueError, match="every decoder layer trainable"):
         LayerwiseAdamW(model, list(decoder_layers(model)), reused_grad_buffers=2, **ADAMW)
+
+
+def test_triton_kernel_is_refused_without_a_gpu_and_checks_its_name() -> None:
+    model = model_for("hf")
+    with pytest.raises(ValueError, match="CUDA GPU and Triton"):
+        LayerwiseAdamW(model, list(decoder_layers(model)), kernel="triton", **ADAMW)
+    with pytest.raises(ValueError, match="unknown"):
+        LayerwiseAdamW(model, list(decoder_layers(model)), kernel="apex", **ADAMW)

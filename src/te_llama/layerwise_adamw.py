@@ -24,6 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import triton_adamw
+
 GRAD_BUFFER_SETS = 2
 """Weight-gradient buffer sets graphed layers share under LayerwiseAdamW: two lets one layer's
 backward run while the update of the layer above still reads its gradients."""
@@ -33,7 +35,7 @@ class LayerwiseAdamW(torch.optim.AdamW):
     """AdamW whose per-layer updates start from backward hooks; `step()` does the rest and joins."""
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], stream_priority: int = 0,
-                 reused_grad_buffers: int = 0, **adamw_kwargs: Any) -> None:
+                 reused_grad_buffers: int = 0, kernel: str = "torch", **adamw_kwargs: Any) -> None:
         """stream_priority: of the side stream; -1 (high) lets its updates take SMs ahead of the
         backward's queued GEMM blocks (torch.cuda.Stream's priority: lower is higher).
         reused_grad_buffers=N: layer i's weight gradients live in buffer set i % N
@@ -48,6 +50,15 @@ class LayerwiseAdamW(torch.optim.AdamW):
         groups = [{"params": params} for params in layer_groups if params] + ([{"params": rest}] if rest else [])
         if not groups:
             raise ValueError("LayerwiseAdamW: the model has no trainable parameters")
+        if kernel not in ("torch", "triton"):
+            raise ValueError(f"kernel={kernel!r} is unknown; choose 'torch' or 'triton'")
+        if kernel == "triton":
+            if adamw_kwargs.get("amsgrad") or adamw_kwargs.get("maximize"):
+                raise ValueError("kernel='triton' implements plain AdamW (no amsgrad, no maximize); use kernel='torch'")
+            if not triton_adamw.available(groups[0]["params"][0].device):
+                raise ValueError("kernel='triton' needs a CUDA GPU and Triton; use kernel='torch'")
+            adamw_kwargs = adamw_kwargs | {"fused": False, "foreach": False}  # state kept as non-fused AdamW's
+        self._kernel = kernel
         if reused_grad_buffers and any(not params for params in layer_groups):
             raise ValueError("reused gradient buffers need every decoder layer trainable (one group per layer)")
         super().__init__(groups, **adamw_kwargs)
@@ -93,13 +104,33 @@ class LayerwiseAdamW(torch.optim.AdamW):
                 main.wait_event(previous_user)
 
     def _update(self, groups: list[dict]) -> None:
-        """AdamW's own step on some of the groups (it walks `self.param_groups`)."""
+        """AdamW's own step on some of the groups (it walks `self.param_groups`), or the Triton kernel's."""
+        if self._kernel == "triton":
+            self._triton_update(groups)
+            return
         everything = self.param_groups
         self.param_groups = groups
         try:
             super().step()
         finally:
             self.param_groups = everything
+
+    @torch.no_grad()
+    def _triton_update(self, groups: list[dict]) -> None:
+        """Per tensor, with the state laid out as torch's non-fused AdamW keeps it (step on the host)."""
+        for group in groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                state = self.state[param]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+                state["step"] += 1
+                triton_adamw.adamw_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"],
+                                          int(state["step"]), float(group["lr"]), group["betas"], group["eps"],
+                                          group["weight_decay"])
 
     def step(self, closure: None = None) -> None:
         """Update what backward did not (embeddings, final norm, lm_head), then wait for the layer updates."""

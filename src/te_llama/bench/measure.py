@@ -121,7 +121,8 @@ def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool) -> tor
         from ..convert import decoder_layers
 
         return LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority,
-                              GRAD_BUFFER_SETS if variant.cuda_graphs else 0, lr=1e-5, fused=fused)
+                              GRAD_BUFFER_SETS if variant.cuda_graphs else 0, variant.optimizer_kernel, lr=1e-5,
+                              fused=fused)
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
 
 

@@ -30,6 +30,8 @@ class Variant:
     """Train with LayerwiseAdamW: each layer's update starts in backward, on a second stream."""
     overlap_stream_priority: int = 0
     """That stream's priority (-1: high)."""
+    optimizer_kernel: str = "torch"
+    """LayerwiseAdamW's update kernel: "torch" (fused AdamW) or "triton" (te_llama.triton_adamw)."""
 
 
 def _te_variant(precision: str) -> Variant:
@@ -47,7 +49,10 @@ def _te_graphs_variants(precision: str) -> list[Variant]:
                     overlap_optimizer=True),
             Variant(f"te-{precision}-graphs-overlap-hp", f"te-llama TE layers as CUDA graphs, {label}, "
                     "AdamW per layer overlapping backward on a high-priority stream", needs, precision,
-                    cuda_graphs=True, overlap_optimizer=True, overlap_stream_priority=-1)]
+                    cuda_graphs=True, overlap_optimizer=True, overlap_stream_priority=-1),
+            Variant(f"te-{precision}-graphs-overlap-triton", f"te-llama TE layers as CUDA graphs, {label}, "
+                    "AdamW per layer (Triton kernel) overlapping backward", (*needs, "triton"), precision,
+                    cuda_graphs=True, overlap_optimizer=True, optimizer_kernel="triton")]
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [

@@ -1,0 +1,55 @@
+"""The Triton AdamW kernel against torch's fused AdamW (FP32 math, BF16 storage), on the GPU."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+pytestmark = [pytest.mark.gpu,
+              pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),
+              pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton not installed")]
+
+SHAPES = [(1,), (4097,), (37, 129), (1024, 4096)]  # odd sizes around the kernel's block of 4096
+STEPS = 5
+HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
+# The kernels do the same FP32 arithmetic in another order and round to BF16: differences of a
+# last bit or two per element (which later steps carry along), nothing more; near zero, relative
+# to the tensor's largest value.
+BF16_TWO_ULPS_REL = 2**-6
+NEAR_ZERO = 1e-3
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
+def test_triton_update_matches_torch_fused_adamw(shape: tuple[int, ...]) -> None:
+    from te_llama.triton_adamw import adamw_update
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    start = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
+    grads = [torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16) * 1e-2 for _ in range(STEPS)]
+    reference = torch.nn.Parameter(start.clone())
+    optimizer = torch.optim.AdamW([reference], fused=True, **HYPER)
+    ours = start.clone()
+    m, v = torch.zeros_like(ours), torch.zeros_like(ours)
+    for step, grad in enumerate(grads, start=1):
+        reference.grad = grad
+        optimizer.step()
+        adamw_update(ours, grad, m, v, step, HYPER["lr"], HYPER["betas"], HYPER["eps"], HYPER["weight_decay"])
+    state = optimizer.state[reference]
+    for name, got, want in (("param", ours, reference.detach()), ("exp_avg", m, state["exp_avg"]),
+                            ("exp_avg_sq", v, state["exp_avg_sq"])):
+        torch.testing.assert_close(got.float(), want.float(), rtol=BF16_TWO_ULPS_REL,
+                                   atol=NEAR_ZERO * float(want.float().abs().max()), msg=name)
+    update_ours, update_ref = (ours.float() - start.float()), (reference.detach().float() - start.float())
+    assert float((update_ours - update_ref).norm() / update_ref.norm()) <= 1e-2
+    assert not torch.equal(ours, start)
+
+
+def test_triton_update_refuses_mismatched_state() -> None:
+    from te_llama.triton_adamw import adamw_update
+
+    p = torch.zeros(8, 8, device="cuda", dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="exp_avg must be contiguous and shaped"):
+        adamw_update(p, torch.zeros_like(p), torch.zeros(64, device="cuda"), torch.zeros_like(p), 1, 1e-3,
+                     (0.9, 0.95), 1e-8, 0.0)
