@@ -117,8 +117,11 @@ LAYERWISE_CASES = [  # (precision, graphs, shared gradient buffers, update kerne
     ("bf16", True, 0, "torch"), ("fp8", True, 0, "torch"), ("fp8-delayed", True, 2, "torch"),
     ("fp8-current", True, 1, "torch"), ("bf16", True, 2, "torch"), ("bf16", False, 0, "torch"),
     ("bf16", True, 2, "triton"), ("fp8-delayed", True, 2, "triton")]
-# Triton's kernel rounds to BF16 in another order than torch's: a last-bit difference per update.
-TRITON_LOSS_REL, TRITON_PARAM_REL_L2 = 2e-3, 2e-3
+# Triton's kernel rounds to BF16 a last bit apart from torch's on some elements; with BF16 weights
+# and lr 1e-4 an update is about one ulp, so parameters drift apart by up to a ulp (2**-8 relative),
+# and under FP8 a changed weight also changes its quantization scale.
+TRITON_LOSS_REL = 2e-3
+TRITON_PARAM_REL_L2 = {"bf16": 2**-8, "fp8": 1e-2}
 
 
 @pytest.mark.parametrize(("precision", "graphs", "shared", "kernel"), LAYERWISE_CASES,
@@ -147,7 +150,7 @@ def test_layerwise_adamw_trains_like_adamw(precision: str, graphs: bool, shared:
         assert loss_gap <= GRAPH_LOSS_REL[family(precision)]
         assert param_gap <= GRAPH_PARAM_REL_L2[family(precision)]
     else:
-        assert loss_gap <= TRITON_LOSS_REL and param_gap <= TRITON_PARAM_REL_L2
+        assert loss_gap <= TRITON_LOSS_REL and param_gap <= TRITON_PARAM_REL_L2[family(precision)]
 
 
 def test_graphed_model_evaluates_and_exports_eagerly(tmp_path) -> None:

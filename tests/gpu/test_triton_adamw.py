@@ -14,11 +14,11 @@ pytestmark = [pytest.mark.gpu,
 SHAPES = [(1,), (4097,), (37, 129), (1024, 4096)]  # odd sizes around the kernel's block of 4096
 STEPS = 5
 HYPER = {"lr": 1e-3, "betas": (0.9, 0.95), "eps": 1e-8, "weight_decay": 0.1}
-# The kernels do the same FP32 arithmetic in another order and round to BF16: differences of a
-# last bit or two per element (which later steps carry along), nothing more; near zero, relative
-# to the tensor's largest value.
-BF16_TWO_ULPS_REL = 2**-6
-NEAR_ZERO = 1e-3
+# The kernels do the same FP32 arithmetic (Triton with approximate division and square root)
+# and round to BF16: a last bit or two apart on a few elements, which later steps carry along.
+# A wrong formula would be far off everywhere.
+ULPS, MOST = 2, 0.999
+MAX_REL_TO_RMS = 1e-2
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
@@ -26,7 +26,7 @@ def test_triton_update_matches_torch_fused_adamw(shape: tuple[int, ...]) -> None
     from te_llama.triton_adamw import adamw_update
 
     gen = torch.Generator(device="cuda").manual_seed(0)
-    start = torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16)
+    start = (0.02 * torch.randn(shape, device="cuda", generator=gen)).to(torch.bfloat16)  # weight-sized
     grads = [torch.randn(shape, device="cuda", generator=gen).to(torch.bfloat16) * 1e-2 for _ in range(STEPS)]
     reference = torch.nn.Parameter(start.clone())
     optimizer = torch.optim.AdamW([reference], fused=True, **HYPER)
@@ -39,11 +39,15 @@ def test_triton_update_matches_torch_fused_adamw(shape: tuple[int, ...]) -> None
     state = optimizer.state[reference]
     for name, got, want in (("param", ours, reference.detach()), ("exp_avg", m, state["exp_avg"]),
                             ("exp_avg_sq", v, state["exp_avg_sq"])):
-        torch.testing.assert_close(got.float(), want.float(), rtol=BF16_TWO_ULPS_REL,
-                                   atol=NEAR_ZERO * float(want.float().abs().max()), msg=name)
+        got, want = got.float(), want.float()
+        rms = float(want.pow(2).mean().sqrt())
+        diff = (got - want).abs()
+        off = diff > ULPS * torch.finfo(torch.bfloat16).eps * want.abs() + 1e-6 * rms
+        assert float(off.float().mean()) <= 1 - MOST, f"{name}: {int(off.sum())} of {off.numel()} beyond {ULPS} ulps"
+        assert float(diff.max()) <= MAX_REL_TO_RMS * rms, f"{name}: max difference {float(diff.max()):.3g}"
     update_ours, update_ref = (ours.float() - start.float()), (reference.detach().float() - start.float())
+    assert float(update_ref.norm()) > 0 and not torch.equal(ours, start)
     assert float((update_ours - update_ref).norm() / update_ref.norm()) <= 1e-2
-    assert not torch.equal(ours, start)
 
 
 def test_triton_update_refuses_mismatched_state() -> None:
