@@ -292,3 +292,17 @@ def test_overlap_is_off_where_it_would_change_training(caplog) -> None:
     assert "several processes" in overlap_off_reason(resolve_config(**base), runtime, 2)
     assert "activation checkpointing" in overlap_off_reason(resolve_config(**base, activation_checkpointing=True),
                                                             runtime, 1)
+
+
+def test_optimizer_kernel_choice_and_errors(tmp_path) -> None:
+    from te_llama.finetune import Runtime, optimizer_kernel
+
+    cpu = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
+    assert optimizer_kernel(resolve_config(), cpu) == "torch"  # auto: Triton's needs CUDA
+    with pytest.raises(ValueError, match="unknown"):
+        optimizer_kernel(resolve_config(optimizer_kernel="apex"), cpu)
+    with pytest.raises(ValueError, match="FSDP2"):
+        optimizer_kernel(resolve_config(optimizer_kernel="triton", parallel="fsdp2"), cpu)
+    with pytest.raises(ValueError, match="needs a CUDA GPU and Triton"):
+        run(tmp_path, optimizer_kernel="triton")
+    assert not (tmp_path / "run").exists()  # refused before anything was written

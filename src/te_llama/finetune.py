@@ -20,6 +20,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
+from . import triton_adamw
 from .batching import (
     Batch,
     collate_packed,
@@ -254,6 +255,35 @@ def overlap_off_reason(config: FinetuneConfig, runtime: Runtime, world: int) -> 
     return None
 
 
+def optimizer_kernel(config: FinetuneConfig, runtime: Runtime) -> str:
+    """The AdamW update kernel this run uses ("auto": Triton's where it runs)."""
+    if config.optimizer_kernel not in ("auto", "torch", "triton"):
+        raise ValueError(f"optimizer_kernel={config.optimizer_kernel!r} is unknown; choose auto, torch or triton")
+    if config.optimizer_kernel == "triton" and config.parallel == "fsdp2":
+        raise ValueError("optimizer_kernel='triton' updates plain tensors; FSDP2 shards them (use 'torch')")
+    if config.optimizer_kernel == "triton" and not triton_adamw.available(runtime.device):
+        raise ValueError("optimizer_kernel='triton' needs a CUDA GPU and Triton (pip install triton); use 'torch'")
+    if config.optimizer_kernel != "auto":
+        return config.optimizer_kernel
+    return "triton" if triton_adamw.available(runtime.device) and config.parallel != "fsdp2" else "torch"
+
+
+def make_optimizer(config: FinetuneConfig, runtime: Runtime, model, params: list, world: int) -> torch.optim.Optimizer:
+    """AdamW; per decoder layer during backward where that is exact (`overlap_off_reason`); Triton's
+    update kernel where it runs (`optimizer_kernel`). LayerwiseAdamW without layers is plain AdamW."""
+    kernel = optimizer_kernel(config, runtime)
+    overlap_off = overlap_off_reason(config, runtime, world)
+    if overlap_off:
+        logger.info("optimizer overlap off: %s", overlap_off)
+    adamw = {"lr": config.learning_rate, "weight_decay": config.weight_decay, "fused": runtime.device.type == "cuda"}
+    logger.info("optimizer: AdamW, %s kernel%s", kernel, "" if overlap_off else ", each layer updated during backward")
+    if overlap_off and kernel == "torch":
+        return torch.optim.AdamW(params, **adamw)
+    layers = [] if overlap_off else list(decoder_layers(model))  # docs/SPEED_NOTES.md, changes 4-6
+    return LayerwiseAdamW(model, layers, reused_grad_buffers=0 if overlap_off else GRAD_BUFFER_SETS, kernel=kernel,
+                          **adamw)
+
+
 def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: BatchSource, steps: int,
                       world: int, shared_grad_buffers: int = 0) -> bool:
     """Capture the layers for the packed token budget, and pad every training row to it.
@@ -323,6 +353,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     out = Path(config.output_dir)
     if config.resume and not (out / RUN_CONFIG).is_file():  # fail fast, before the slow setup
         raise RunDirectoryError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing)")
+    optimizer_kernel(config, runtime)  # a bad choice fails here, before anything is written
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config, runtime)
     data = config.data or str(asset_path(SAMPLE_TEXT))
@@ -347,13 +378,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         require_process_group("fsdp2")
         model = shard_fsdp2(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    overlap_off = overlap_off_reason(config, runtime, world)
-    adamw = {"lr": config.learning_rate, "weight_decay": config.weight_decay, "fused": runtime.device.type == "cuda"}
-    if overlap_off:
-        logger.info("optimizer overlap off: %s", overlap_off)
-        optimizer = torch.optim.AdamW(params, **adamw)
-    else:  # the layers' updates start during backward (docs/SPEED_NOTES.md, change 4)
-        optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), reused_grad_buffers=GRAD_BUFFER_SETS, **adamw)
+    optimizer = make_optimizer(config, runtime, model, params, world)
+    overlapped = overlap_off_reason(config, runtime, world) is None
     scheduler = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
     # The schedule counts optimizer steps of the global batch, so it stays outside prepare()
@@ -376,7 +402,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             _truncate_metrics(metrics.path, position.step)
         logger.info("resumed from %s (step %d)", found[-1], position.step)
     setup_cuda_graphs(config, runtime, accelerator.unwrap_model(model), train, steps, world,
-                      shared_grad_buffers=GRAD_BUFFER_SETS if not overlap_off and config.fuse_qkv else 0)
+                      shared_grad_buffers=GRAD_BUFFER_SETS if overlapped and config.fuse_qkv else 0)
     _log_start(config, runtime, report, len(train_set), steps, position)
 
     # ---- train

@@ -57,3 +57,23 @@ def test_triton_update_refuses_mismatched_state() -> None:
     with pytest.raises(ValueError, match="exp_avg must be contiguous and shaped"):
         adamw_update(p, torch.zeros_like(p), torch.zeros(64, device="cuda"), torch.zeros_like(p), 1, 1e-3,
                      (0.9, 0.95), 1e-8, 0.0)
+
+
+def test_finetune_default_uses_the_triton_kernel(tmp_path, caplog, record_metric) -> None:
+    """`te-llama finetune` (clipping on: AdamW after backward) with the auto kernel vs torch's."""
+    import logging
+
+    from te_llama.finetune import finetune
+    from te_llama.finetune_config import resolve_config
+
+    caplog.set_level(logging.INFO, logger="te_llama")
+    losses = {}
+    for kernel in ("auto", "torch"):
+        config = resolve_config(output_dir=str(tmp_path / kernel), backend="reference", precision="bf16",
+                                max_steps=12, optimizer_kernel=kernel, eval_fraction=0.0, save_every=0,
+                                tensorboard=False, cache_dir=str(tmp_path / "cache"))
+        losses[kernel] = finetune(config).final_loss
+    gap = abs(losses["auto"] - losses["torch"]) / losses["torch"]
+    record_metric(triton_loss=losses["auto"], torch_loss=losses["torch"], relative_gap=gap)
+    assert "optimizer: AdamW, triton kernel" in caplog.text and "optimizer: AdamW, torch kernel" in caplog.text
+    assert gap <= 1e-2
