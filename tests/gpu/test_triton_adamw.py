@@ -44,8 +44,12 @@ def test_triton_update_matches_torch_fused_adamw(shape: tuple[int, ...]) -> None
         diff = (got - want).abs()
         off = diff > ULPS * torch.finfo(torch.bfloat16).eps * want.abs() + 1e-6 * rms
         assert float(off.float().mean()) <= 1 - MOST, f"{name}: {int(off.sum())} of {off.numel()} beyond {ULPS} ulps"
-        far = diff > MAX_ULPS * torch.finfo(torch.bfloat16).eps * want.abs() + 1e-3 * rms
-        assert not bool(far.any()), f"{name}: {int(far.sum())} elements beyond {MAX_ULPS} ulps"
+        # A last-bit difference at the tensor's scale, carried into later steps, stays that size
+        # when the element itself shrinks towards zero: hence the floor at the scale's ulps.
+        eps = torch.finfo(torch.bfloat16).eps
+        far = diff > MAX_ULPS * eps * want.abs() + ULPS * eps * rms
+        assert not bool(far.any()), (f"{name}: {int(far.sum())} elements beyond {MAX_ULPS} ulps, e.g. got "
+                                     f"{got[far][:3].tolist()} want {want[far][:3].tolist()}")
     update_ours, update_ref = (ours.float() - start.float()), (reference.detach().float() - start.float())
     assert float(update_ref.norm()) > 0 and not torch.equal(ours, start)
     assert float((update_ours - update_ref).norm() / update_ref.norm()) <= 1e-2
