@@ -68,8 +68,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("reference", "te-llama reference layers (pure PyTorch), float32 on CPU", (), "fp32"),
     Variant("hf-cpu", "transformers as is, float32 on CPU (harness checks)", (), "fp32"),
 ]}
-DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-bf16", "te-fp8", "te-bf16-graphs",
-                    "te-fp8-graphs")
+DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-bf16", "te-fp8",
+                    "te-bf16-graphs-overlap-triton", "te-fp8-graphs-overlap-triton",
+                    "te-fp8-delayed-graphs-overlap-triton")
 
 
 def unavailable_reason(variant: Variant) -> str | None:
