@@ -117,6 +117,8 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
 
 def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool) -> torch.optim.Optimizer:
     """AdamW (lr 1e-5, BF16 moments on BF16 weights) for every variant; per layer for the overlap variants."""
+    if variant.optimizer_kernel == "triton" and not variant.overlap_optimizer:  # no layers: AdamW after backward
+        return LayerwiseAdamW(model, [], kernel="triton", lr=1e-5, fused=fused)
     if variant.overlap_optimizer:
         from ..convert import decoder_layers
 

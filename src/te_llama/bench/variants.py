@@ -44,6 +44,9 @@ def _te_graphs_variants(precision: str) -> list[Variant]:
     needs = ("cuda", "te") if precision == "bf16" else ("cuda", "te", "fp8")
     return [Variant(f"te-{precision}-graphs", f"te-llama TE layers as CUDA graphs, {label}", needs, precision,
                     cuda_graphs=True),
+            Variant(f"te-{precision}-graphs-triton", f"te-llama TE layers as CUDA graphs, {label}, AdamW after "
+                    "backward with the Triton kernel (finetune's default with clipping)", (*needs, "triton"),
+                    precision, cuda_graphs=True, optimizer_kernel="triton"),
             Variant(f"te-{precision}-graphs-overlap", f"te-llama TE layers as CUDA graphs, {label}, "
                     "AdamW per layer overlapping backward", needs, precision, cuda_graphs=True,
                     overlap_optimizer=True),
