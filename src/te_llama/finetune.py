@@ -268,11 +268,11 @@ def optimizer_kernel(config: FinetuneConfig, runtime: Runtime) -> str:
     return "triton" if triton_adamw.available(runtime.device) and config.parallel != "fsdp2" else "torch"
 
 
-def make_optimizer(config: FinetuneConfig, runtime: Runtime, model, params: list, world: int) -> torch.optim.Optimizer:
-    """AdamW; per decoder layer during backward where that is exact (`overlap_off_reason`); Triton's
-    update kernel where it runs (`optimizer_kernel`). LayerwiseAdamW without layers is plain AdamW."""
+def make_optimizer(config: FinetuneConfig, runtime: Runtime, model, params: list,
+                   overlap_off: str | None) -> torch.optim.Optimizer:
+    """AdamW; per decoder layer during backward unless `overlap_off` says why not (`overlap_off_reason`);
+    Triton's update kernel where it runs (`optimizer_kernel`). LayerwiseAdamW without layers is plain AdamW."""
     kernel = optimizer_kernel(config, runtime)
-    overlap_off = overlap_off_reason(config, runtime, world)
     if overlap_off:
         logger.info("optimizer overlap off: %s", overlap_off)
     adamw = {"lr": config.learning_rate, "weight_decay": config.weight_decay, "fused": runtime.device.type == "cuda"}
@@ -378,8 +378,8 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         require_process_group("fsdp2")
         model = shard_fsdp2(model)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(config, runtime, model, params, world)
-    overlapped = overlap_off_reason(config, runtime, world) is None
+    overlap_off = overlap_off_reason(config, runtime, world)
+    optimizer = make_optimizer(config, runtime, model, params, overlap_off)
     scheduler = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
     # The schedule counts optimizer steps of the global batch, so it stays outside prepare()
@@ -402,7 +402,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             _truncate_metrics(metrics.path, position.step)
         logger.info("resumed from %s (step %d)", found[-1], position.step)
     setup_cuda_graphs(config, runtime, accelerator.unwrap_model(model), train, steps, world,
-                      shared_grad_buffers=GRAD_BUFFER_SETS if overlapped and config.fuse_qkv else 0)
+                      shared_grad_buffers=GRAD_BUFFER_SETS if not overlap_off and config.fuse_qkv else 0)
     _log_start(config, runtime, report, len(train_set), steps, position)
 
     # ---- train
