@@ -29,6 +29,7 @@ from torch import nn
 
 from .convert import CONVERSION_ATTR, decoder_layers
 from .errors import BackendUnavailableError
+from .fp8_weight_cache import FP8WeightCache, collect_fp8_weight_cache
 from .precision import FP8_PRECISIONS, check_precision_available, make_recipe
 from .token_layout import TokenLayout
 
@@ -91,6 +92,11 @@ class GraphedLayers:
         self.grad_buffers = grad_buffers or {}
         """id(layer) -> the weights whose gradient GEMM writes `main_grad` (empty: split Q/K/V)."""
         self.accumulate_grads = accumulate_grads
+        self.fp8_weight_cache: FP8WeightCache | None = None
+        """Set when captured with `cache_fp8_weights`: the FP8 weight copies the graphs read."""
+        self.weights_cast_in_forward = True
+        """With the cache: False once the optimizer refreshes it after each layer's update
+        (`cast_fp8_weights_after_updates`); True casts into it at every replay."""
         self._cu_cache: tuple[TokenLayout, torch.Tensor] | None = None
         self.eager_batches = 0
         """Training forwards that did not fit the captured shape and ran eagerly (first one logged)."""
@@ -135,7 +141,14 @@ class GraphedLayers:
         cached = self._cu_cache
         if cached is None or cached[0] is not layout:  # once per model forward, shared by the layers
             cached = self._cu_cache = (layout, padded_cu_seqlens(layout.cu_seqlens, self.shape.max_docs))
-        return self._calls[id(layer)](tokens, cached[1])
+        if self.fp8_weight_cache is None:
+            return self._calls[id(layer)](tokens, cached[1])
+        return self._calls[id(layer)](tokens, cached[1], is_first_microbatch=self.weights_cast_in_forward)
+
+    def refresh_fp8_weights(self, layer: nn.Module) -> None:
+        """After the layer's update: cast its new weights into the copies its graph reads."""
+        if self.fp8_weight_cache is not None:
+            self.fp8_weight_cache.refresh(layer)
 
 
 def graphs_unsupported_reason(model: nn.Module) -> str | None:
@@ -237,7 +250,8 @@ def installed_graphs(model: nn.Module) -> GraphedLayers | None:
 
 
 def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, accumulate_grads: bool = True,
-                        warmup_iters: int = 3, shared_grad_buffers: int = 0) -> GraphedLayers:
+                        warmup_iters: int = 3, shared_grad_buffers: int = 0,
+                        cache_fp8_weights: bool = False) -> GraphedLayers:
     """Capture every decoder layer of a converted TE model for micro-batches of `shape`.
 
     Call after the weights are final in memory (loaded, resumed) and before training; the
@@ -246,11 +260,17 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
     layers' weight gradients instead of adding to them: no zeroing, one memory pass less.
     shared_grad_buffers=N: the layers' weight gradients share N buffer sets (`write_wgrads_in_place`),
     for `LayerwiseAdamW(reused_grad_buffers=N)` only.
+    cache_fp8_weights (FP8, fused Q/K/V): the graphs read FP8 weight copies kept between replays
+    (`te_llama.fp8_weight_cache`); until `cast_fp8_weights_after_updates` hands the casts to the
+    optimizer, every replay still casts into them.
     """
     reason = graphs_unsupported_reason(model)
     if reason:
         raise BackendUnavailableError(f"cannot capture CUDA graphs: {reason}")
     check_precision_available(precision)
+    fp8 = precision in FP8_PRECISIONS
+    if cache_fp8_weights and not fp8:
+        raise ValueError(f"cache_fp8_weights is for FP8 precisions; {precision!r} has no FP8 weights to cache")
     import transformer_engine.pytorch as te
 
     shape, padded_tokens, calls = static_layer_calls(model, shape)
@@ -261,8 +281,10 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
     sample_args = tuple(
         (torch.randn(padded_tokens, model.config.hidden_size, device=device, dtype=dtype,
                      generator=generator).requires_grad_(), sample_cu) for _ in calls)
-    grad_buffers = write_wgrads_in_place(list(decoder_layers(model)), accumulate_grads, shared_grad_buffers)
-    fp8 = precision in FP8_PRECISIONS
+    layers = list(decoder_layers(model))
+    if cache_fp8_weights and any(gemm_weights(layer) is None for layer in layers):
+        raise ValueError("cache_fp8_weights needs fused Q/K/V (one weight per GEMM)")
+    grad_buffers = write_wgrads_in_place(layers, accumulate_grads, shared_grad_buffers)
     # The layers see the dtype they will see in training: BF16 under autocast (no cast cache
     # inside a graph), or the weights' own dtype for fp32.
     cast = contextlib.nullcontext() if precision == "fp32" else \
@@ -272,9 +294,12 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
         # unless released before capture (at 4 x 1024 tokens that alone ran a 7B out of memory).
         graphed = te.make_graphed_callables(
             tuple(calls.values()), sample_args, num_warmup_iters=warmup_iters, enabled=fp8,
-            recipe=make_recipe(precision) if fp8 else None, post_warmup_hook=torch.cuda.empty_cache)
+            recipe=make_recipe(precision) if fp8 else None, post_warmup_hook=torch.cuda.empty_cache,
+            cache_quantized_params=cache_fp8_weights)
     torch.cuda.synchronize(device)
     graphs = GraphedLayers(shape, padded_tokens, dict(zip(calls, graphed)), precision, grad_buffers, accumulate_grads)
+    if cache_fp8_weights:
+        graphs.fp8_weight_cache = collect_fp8_weight_cache(layers, {id(layer): gemm_weights(layer) for layer in layers})
     install_graphs(model, graphs)
     logger.info("captured CUDA graphs of %d layers for %s (%s)", len(calls), shape, precision)
     return graphs
@@ -289,12 +314,16 @@ def release_cuda_graphs(model: nn.Module) -> None:
     graphs = installed_graphs(model)
     if graphs is not None:
         graphs.reset()
+        graphs.fp8_weight_cache = None
     install_graphs(model, None)
     layers = list(decoder_layers(model))
     for layer in layers:
         for module in layer.modules():
             if getattr(module, "fuse_wgrad_accumulation", False):
                 module.fuse_wgrad_accumulation = False
+            workspaces = getattr(module, "_fp8_workspaces", None)
+            if workspaces:  # TE's cached FP8 weights (cache_fp8_weights): their memory goes too
+                workspaces.clear()
         for weight in layer.parameters():
             if hasattr(weight, "main_grad"):
                 if weight.grad is weight.main_grad:
@@ -302,6 +331,20 @@ def release_cuda_graphs(model: nn.Module) -> None:
                 del weight.main_grad, weight.overwrite_main_grad
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def cast_fp8_weights_after_updates(model: nn.Module, optimizer) -> None:
+    """Have `optimizer` (a LayerwiseAdamW over every decoder layer) cast each layer's FP8 weights
+    right after updating it, on its side stream, and the graphs skip their own casts."""
+    graphs = installed_graphs(model)
+    if graphs is None or graphs.fp8_weight_cache is None:
+        raise ValueError("the model's graphs keep no FP8 weight copies; capture with cache_fp8_weights=True")
+    trainable = [layer for layer in decoder_layers(model) if any(p.requires_grad for p in layer.parameters())]
+    if {id(layer) for layer in getattr(optimizer, "layers", ())} != {id(layer) for layer in trainable}:
+        raise ValueError("the FP8 weight copies must be refreshed after every layer's update: the optimizer must be "
+                         "a LayerwiseAdamW over every trainable decoder layer")
+    optimizer.after_layer_update = graphs.refresh_fp8_weights
+    graphs.weights_cast_in_forward = False
 
 
 def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: int) -> tuple[bool, str]:

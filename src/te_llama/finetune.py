@@ -34,6 +34,7 @@ from .convert import convert, decoder_layers
 from .cuda_graphs import (
     StaticShape,
     capture_cuda_graphs,
+    cast_fp8_weights_after_updates,
     graphs_leave_room,
     graphs_unsupported_reason,
     release_cuda_graphs,
@@ -255,6 +256,13 @@ def overlap_off_reason(config: FinetuneConfig, runtime: Runtime, world: int) -> 
     return None
 
 
+def fp8_weight_cache_on(config: FinetuneConfig, runtime: Runtime, overlap_off: str | None) -> bool:
+    """Whether the graphs read FP8 weights the overlapped optimizer casts (an FP8 precision, fused
+    Q/K/V, the overlap on; the graphs themselves may still turn out off)."""
+    return (config.fp8_weight_cache and runtime.precision in FP8_PRECISIONS and config.fuse_qkv
+            and overlap_off is None)
+
+
 def optimizer_kernel(config: FinetuneConfig, runtime: Runtime) -> str:
     """The AdamW update kernel this run uses ("auto": Triton's where it runs)."""
     if config.optimizer_kernel not in ("auto", "torch", "triton"):
@@ -285,9 +293,10 @@ def make_optimizer(config: FinetuneConfig, runtime: Runtime, model, params: list
 
 
 def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: BatchSource, steps: int,
-                      world: int, shared_grad_buffers: int = 0) -> bool:
+                      world: int, shared_grad_buffers: int = 0, cache_fp8_weights: bool = False) -> bool:
     """Capture the layers for the packed token budget, and pad every training row to it.
-    shared_grad_buffers: for LayerwiseAdamW, whose updates consume each layer's gradients in backward."""
+    shared_grad_buffers: for LayerwiseAdamW, whose updates consume each layer's gradients in backward;
+    cache_fp8_weights: graphs that read cached FP8 weights (`cast_fp8_weights_after_updates`)."""
     reason = graphs_off_reason(config, runtime, model, world)
     if reason:
         logger.info("CUDA graphs off: %s", reason)
@@ -301,7 +310,8 @@ def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: Ba
     max_docs = max_docs_per_batch(plans, train.lengths, budget, config.max_seq_len)
     try:
         capture_cuda_graphs(model, StaticShape(budget, max_docs, config.max_seq_len), runtime.precision,
-                            accumulate_grads=config.grad_accum > 1, shared_grad_buffers=shared_grad_buffers)
+                            accumulate_grads=config.grad_accum > 1, shared_grad_buffers=shared_grad_buffers,
+                            cache_fp8_weights=cache_fp8_weights)
     except torch.OutOfMemoryError:
         release_cuda_graphs(model)
         logger.warning("CUDA graphs off: capturing them ran out of GPU memory; running eagerly "
@@ -401,8 +411,13 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         if main:
             _truncate_metrics(metrics.path, position.step)
         logger.info("resumed from %s (step %d)", found[-1], position.step)
-    setup_cuda_graphs(config, runtime, accelerator.unwrap_model(model), train, steps, world,
-                      shared_grad_buffers=GRAD_BUFFER_SETS if not overlap_off and config.fuse_qkv else 0)
+    cache_fp8_weights = fp8_weight_cache_on(config, runtime, overlap_off)
+    graphed = setup_cuda_graphs(config, runtime, accelerator.unwrap_model(model), train, steps, world,
+                                shared_grad_buffers=GRAD_BUFFER_SETS if not overlap_off and config.fuse_qkv else 0,
+                                cache_fp8_weights=cache_fp8_weights)
+    if graphed and cache_fp8_weights:  # docs/SPEED_NOTES.md, change 8
+        cast_fp8_weights_after_updates(accelerator.unwrap_model(model), getattr(optimizer, "optimizer", optimizer))
+        logger.info("FP8 weights: cast after each layer's update, on the optimizer's stream")
     _log_start(config, runtime, report, len(train_set), steps, position)
 
     # ---- train

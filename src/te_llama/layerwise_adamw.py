@@ -18,7 +18,7 @@ updates simply run inline.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -68,12 +68,18 @@ class LayerwiseAdamW(torch.optim.AdamW):
         self._side_stream = torch.cuda.Stream(device, priority=stream_priority) if device.type == "cuda" else None
         self._stepped: set[int] = set()  # groups updated since the last step()
         self._hooks = []
-        index = 0
-        for layer, params in zip(layers, layer_groups):
-            if params:
-                self._hooks.append(layer.register_forward_pre_hook(
-                    functools.partial(self._watch_layer_input, index), with_kwargs=True))
-                index += 1
+        self._layers = [layer for layer, params in zip(layers, layer_groups) if params]  # group i's layer
+        self.after_layer_update: Callable[[nn.Module], None] | None = None
+        """Called with each layer right after its update, on the stream that ran it (e.g. to cast
+        the new weights to FP8 there: `te_llama.fp8_weight_cache`)."""
+        for index, layer in enumerate(self._layers):
+            self._hooks.append(layer.register_forward_pre_hook(
+                functools.partial(self._watch_layer_input, index), with_kwargs=True))
+
+    @property
+    def layers(self) -> list[nn.Module]:
+        """The decoder layers updated during backward, in group order."""
+        return list(self._layers)
 
     def _watch_layer_input(self, group_index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         """On a training forward: hook the layer's input, whose gradient is the last thing its backward makes."""
@@ -88,20 +94,30 @@ class LayerwiseAdamW(torch.optim.AdamW):
             raise RuntimeError("LayerwiseAdamW updates each layer during backward, so it takes exactly one backward "
                                "per optimizer step: call step() after each backward (no gradient accumulation)")
         self._stepped.add(group_index)
-        group = [self.param_groups[group_index]]
         if self._side_stream is None:
-            self._update(group)
+            self._update_layers(group_index)
             return
         main = torch.cuda.current_stream()
         self._side_stream.wait_stream(main)
         with torch.cuda.stream(self._side_stream):
-            self._update(group)
-            self._updated[group_index] = torch.cuda.Event()
+            self._update([self.param_groups[group_index]])
+            self._updated[group_index] = torch.cuda.Event()  # its gradients are consumed
             self._updated[group_index].record()
+            self._after_update(group_index)
         if self._reused_grad_buffers:  # the layer below writes the buffer the layer N above it used
             previous_user = self._updated.get(group_index - 1 + self._reused_grad_buffers)
             if previous_user is not None:
                 main.wait_event(previous_user)
+
+    def _update_layers(self, *group_indices: int) -> None:
+        """Update these layer groups, then tell `after_layer_update` about each layer."""
+        self._update([self.param_groups[i] for i in group_indices])
+        self._after_update(*group_indices)
+
+    def _after_update(self, *group_indices: int) -> None:
+        if self.after_layer_update is not None:
+            for index in group_indices:
+                self.after_layer_update(self._layers[index])
 
     def _update(self, groups: list[dict]) -> None:
         """AdamW's own step on some of the groups (it walks `self.param_groups`), or the Triton kernel's."""
@@ -136,9 +152,12 @@ class LayerwiseAdamW(torch.optim.AdamW):
         """Update what backward did not (embeddings, final norm, lm_head), then wait for the layer updates."""
         if closure is not None:
             raise ValueError("LayerwiseAdamW.step takes no closure (its updates start inside backward)")
-        pending = [g for i, g in enumerate(self.param_groups) if i not in self._stepped]
-        if pending:
-            self._update(pending)
+        pending_layers = [i for i in range(len(self._layers)) if i not in self._stepped]
+        if pending_layers:  # layers whose backward hook did not fire (e.g. the input needed no gradient)
+            self._update_layers(*pending_layers)
+        rest = [g for i, g in enumerate(self.param_groups) if i >= len(self._layers)]
+        if rest:
+            self._update(rest)
         if self._side_stream is not None:
             torch.cuda.current_stream().wait_stream(self._side_stream)
         self._stepped.clear()

@@ -11,7 +11,11 @@ from conftest import random_hf_model, te_unavailable_reason
 import te_llama
 from te_llama.batching import collate_packed
 from te_llama.convert import decoder_layers
-from te_llama.cuda_graphs import StaticShape, capture_cuda_graphs
+from te_llama.cuda_graphs import (
+    StaticShape,
+    capture_cuda_graphs,
+    cast_fp8_weights_after_updates,
+)
 from te_llama.layerwise_adamw import LayerwiseAdamW
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(te_unavailable_reason() is not None,
@@ -54,11 +58,14 @@ def packed_batches(vocab: int, count: int, seed: int = 0) -> list[dict]:
 
 
 def train(model, batches: list[dict], precision: str, grad_accum: int, layerwise: bool = False,
-          reused_grad_buffers: int = 0, kernel: str = "torch") -> list[float]:
-    """AdamW steps of `grad_accum` micro-batches each; the mean micro-batch loss per step."""
+          reused_grad_buffers: int = 0, kernel: str = "torch", cast_in_optimizer: bool = False) -> list[float]:
+    """AdamW steps of `grad_accum` micro-batches each; the mean micro-batch loss per step.
+    cast_in_optimizer: LayerwiseAdamW casts the FP8 weights the graphs read (cache_fp8_weights)."""
     optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), reused_grad_buffers=reused_grad_buffers,
                                kernel=kernel, lr=1e-4, fused=True) if layerwise else \
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
+    if cast_in_optimizer:
+        cast_fp8_weights_after_updates(model, optimizer)
     losses = []
     for start in range(0, len(batches), grad_accum):
         total = 0.0
@@ -153,6 +160,38 @@ def test_layerwise_adamw_trains_like_adamw(precision: str, graphs: bool, shared:
         assert loss_gap <= TRITON_LOSS_REL and param_gap <= TRITON_PARAM_REL_L2[family(precision)]
 
 
+@pytest.mark.parametrize("precision", ["fp8", "fp8-delayed", "fp8-current"])
+def test_fp8_weights_cast_by_the_optimizer_train_like_casts_in_forward(precision: str, record_metric) -> None:
+    """Graphs reading FP8 weights that LayerwiseAdamW casts after each layer's update (on its
+    stream) vs graphs that cast in every forward: the same casts of the same weights with the
+    same scales, only earlier. Afterwards each cached copy is the current weight's quantization."""
+    hf = random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
+    casting = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
+    cached = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
+    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
+    most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
+    for model, cache in ((casting, False), (cached, True)):
+        capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, accumulate_grads=False,
+                            shared_grad_buffers=2, cache_fp8_weights=cache)
+    want = train(casting, batches, precision, 1, layerwise=True, reused_grad_buffers=2)
+    got = train(cached, batches, precision, 1, layerwise=True, reused_grad_buffers=2, cast_in_optimizer=True)
+    loss_gap = max(abs(g - w) / w for g, w in zip(got, want))
+    param_gap = max(rel_l2(pc, pp) for pc, pp in zip(cached.parameters(), casting.parameters()))
+    graphs = cached.model.layers[0].context.graphs
+    stale = []
+    for layer in decoder_layers(cached):
+        for entry in graphs.fp8_weight_cache.entries(layer):
+            fresh = entry.quantizer.quantize(entry.weight.detach())
+            if not torch.equal(fresh.dequantize(), entry.workspace.dequantize()):
+                stale.append(tuple(entry.weight.shape))
+    record_metric(precision=precision, casting_losses=want, cached_losses=got, max_loss_rel_gap=loss_gap,
+                  max_param_rel_l2=param_gap, cached_weights=len(graphs.fp8_weight_cache), stale=len(stale))
+    assert len(graphs.fp8_weight_cache) == 4 * len(decoder_layers(cached))
+    assert not stale, f"cached FP8 weights differ from the current weights' quantization: {stale}"
+    assert got[-1] < got[0]
+    assert loss_gap <= GRAPH_LOSS_REL["fp8"] and param_gap <= GRAPH_PARAM_REL_L2["fp8"]
+
+
 def test_graphed_model_evaluates_and_exports_eagerly(tmp_path) -> None:
     hf = random_hf_model("llama2-mha", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
     model = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
@@ -233,3 +272,25 @@ def test_finetune_overlaps_the_optimizer_without_clipping(tmp_path, caplog, reco
     assert caplog.text.count("captured CUDA graphs") == 2
     assert caplog.text.count("optimizer overlap off") == 1
     assert gap <= 1e-6
+
+
+def test_finetune_fp8_casts_weights_in_the_optimizer(tmp_path, caplog, record_metric) -> None:
+    """`te-llama finetune --precision fp8 --max-grad-norm 0`: the optimizer casts the FP8 weights
+    (the default then) vs --no-fp8-weight-cache (the graphs cast in each forward)."""
+    import logging
+
+    from te_llama.finetune import finetune
+    from te_llama.finetune_config import resolve_config
+
+    caplog.set_level(logging.INFO, logger="te_llama")
+    results = {}
+    for cache in (True, False):
+        config = resolve_config(output_dir=str(tmp_path / f"cache-{cache}"), backend="te", precision="fp8",
+                                max_steps=12, max_grad_norm=0.0, fp8_weight_cache=cache, eval_fraction=0.0,
+                                save_every=0, tensorboard=False, cache_dir=str(tmp_path / "cache"))
+        results[cache] = finetune(config)
+    gap = abs(results[True].final_loss - results[False].final_loss) / results[False].final_loss
+    record_metric(cached_loss=results[True].final_loss, casting_loss=results[False].final_loss, relative_gap=gap)
+    assert caplog.text.count("FP8 weights: cast after each layer's update") == 1
+    assert caplog.text.count("captured CUDA graphs") == 2
+    assert gap <= GRAPH_LOSS_REL["fp8"]

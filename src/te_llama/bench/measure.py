@@ -109,7 +109,8 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
 
         capture_cuda_graphs(model, StaticShape(settings.batch * settings.seq, settings.batch, settings.seq),
                             variant.precision, accumulate_grads=False,  # one backward per step
-                            shared_grad_buffers=GRAD_BUFFER_SETS if variant.overlap_optimizer else 0)
+                            shared_grad_buffers=GRAD_BUFFER_SETS if variant.overlap_optimizer else 0,
+                            cache_fp8_weights=variant.cache_fp8_weights)
     ours = variant.name.startswith(("te-", "reference"))
     layout_up_front = ours and (settings.layout_kwargs or variant.cuda_graphs)
     return model, packed_layout_kwargs(settings, device) if layout_up_front else {}
@@ -122,9 +123,14 @@ def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool) -> tor
     if variant.overlap_optimizer:
         from ..convert import decoder_layers
 
-        return LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority,
-                              GRAD_BUFFER_SETS if variant.cuda_graphs else 0, variant.optimizer_kernel, lr=1e-5,
-                              fused=fused)
+        optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority,
+                                   GRAD_BUFFER_SETS if variant.cuda_graphs else 0, variant.optimizer_kernel, lr=1e-5,
+                                   fused=fused)
+        if variant.cache_fp8_weights:
+            from ..cuda_graphs import cast_fp8_weights_after_updates
+
+            cast_fp8_weights_after_updates(model, optimizer)
+        return optimizer
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
 
 
