@@ -143,5 +143,5 @@ def test_casts_are_handed_only_to_an_optimizer_that_updates_every_layer() -> Non
     with pytest.raises(ValueError, match="every trainable decoder layer"):
         cast_fp8_weights_after_updates(model, LayerwiseAdamW(model, list(decoder_layers(model))[:1]))
     plain = reference_model()
-    with pytest.raises(ValueError, match="cache_fp8_weights=True"):
+    with pytest.raises(ValueError, match="no CUDA graphs"):
         cast_fp8_weights_after_updates(plain, LayerwiseAdamW(plain, list(decoder_layers(plain))))

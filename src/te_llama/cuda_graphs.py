@@ -92,11 +92,15 @@ class GraphedLayers:
         self.grad_buffers = grad_buffers or {}
         """id(layer) -> the weights whose gradient GEMM writes `main_grad` (empty: split Q/K/V)."""
         self.accumulate_grads = accumulate_grads
+        self.fp8 = precision in FP8_PRECISIONS
+        """FP8 graphs read persistent FP8 weight copies, cast into by the first replay after an update."""
         self.fp8_weight_cache: FP8WeightCache | None = None
-        """Set when captured with `cache_fp8_weights`: the FP8 weight copies the graphs read."""
+        """FP8 with fused Q/K/V: those copies, refreshable after each layer's update."""
         self.weights_cast_in_forward = True
-        """With the cache: False once the optimizer refreshes it after each layer's update
-        (`cast_fp8_weights_after_updates`); True casts into it at every replay."""
+        """False once the optimizer refreshes the copies (`cast_fp8_weights_after_updates`)."""
+        self._weights_changed = True
+        self._tracked_optimizer = False
+        self._last_layer = next(reversed(calls), None)
         self._cu_cache: tuple[TokenLayout, torch.Tensor] | None = None
         self.eager_batches = 0
         """Training forwards that did not fit the captured shape and ran eagerly (first one logged)."""
@@ -141,9 +145,25 @@ class GraphedLayers:
         cached = self._cu_cache
         if cached is None or cached[0] is not layout:  # once per model forward, shared by the layers
             cached = self._cu_cache = (layout, padded_cu_seqlens(layout.cu_seqlens, self.shape.max_docs))
-        if self.fp8_weight_cache is None:
+        if not self.fp8:
             return self._calls[id(layer)](tokens, cached[1])
-        return self._calls[id(layer)](tokens, cached[1], is_first_microbatch=self.weights_cast_in_forward)
+        # The first FP8 module of each autocast region sets TE's global skip-the-cast flag from this
+        # (every replay says it, so graphs of another model cannot leave it set for ours).
+        cast = self.weights_cast_in_forward and self._weights_changed
+        out = self._calls[id(layer)](tokens, cached[1], is_first_microbatch=cast)
+        if self._tracked_optimizer and id(layer) == self._last_layer:
+            self._weights_changed = False
+        return out
+
+    def track_weight_updates(self, optimizer: torch.optim.Optimizer) -> None:
+        """Cast the FP8 weights only in the first forward after each `optimizer.step()` (gradient
+        accumulation: one cast per step, not per micro-batch). Only when nothing else changes the
+        weights between steps."""
+        optimizer.register_step_post_hook(self._note_update)
+        self._tracked_optimizer = True
+
+    def _note_update(self, *_: object) -> None:
+        self._weights_changed = True
 
     def refresh_fp8_weights(self, layer: nn.Module) -> None:
         """After the layer's update: cast its new weights into the copies its graph reads."""
@@ -250,8 +270,7 @@ def installed_graphs(model: nn.Module) -> GraphedLayers | None:
 
 
 def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, accumulate_grads: bool = True,
-                        warmup_iters: int = 3, shared_grad_buffers: int = 0,
-                        cache_fp8_weights: bool = False) -> GraphedLayers:
+                        warmup_iters: int = 3, shared_grad_buffers: int = 0) -> GraphedLayers:
     """Capture every decoder layer of a converted TE model for micro-batches of `shape`.
 
     Call after the weights are final in memory (loaded, resumed) and before training; the
@@ -260,17 +279,15 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
     layers' weight gradients instead of adding to them: no zeroing, one memory pass less.
     shared_grad_buffers=N: the layers' weight gradients share N buffer sets (`write_wgrads_in_place`),
     for `LayerwiseAdamW(reused_grad_buffers=N)` only.
-    cache_fp8_weights (FP8, fused Q/K/V): the graphs read FP8 weight copies kept between replays
-    (`te_llama.fp8_weight_cache`); until `cast_fp8_weights_after_updates` hands the casts to the
-    optimizer, every replay still casts into them.
+    FP8: the graphs read FP8 weight copies kept between replays (TE's `cache_quantized_params`);
+    every replay casts into them unless told the weights did not change (`track_weight_updates`)
+    or the optimizer casts them (`cast_fp8_weights_after_updates`, fused Q/K/V).
     """
     reason = graphs_unsupported_reason(model)
     if reason:
         raise BackendUnavailableError(f"cannot capture CUDA graphs: {reason}")
     check_precision_available(precision)
     fp8 = precision in FP8_PRECISIONS
-    if cache_fp8_weights and not fp8:
-        raise ValueError(f"cache_fp8_weights is for FP8 precisions; {precision!r} has no FP8 weights to cache")
     import transformer_engine.pytorch as te
 
     shape, padded_tokens, calls = static_layer_calls(model, shape)
@@ -282,8 +299,6 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
         (torch.randn(padded_tokens, model.config.hidden_size, device=device, dtype=dtype,
                      generator=generator).requires_grad_(), sample_cu) for _ in calls)
     layers = list(decoder_layers(model))
-    if cache_fp8_weights and any(gemm_weights(layer) is None for layer in layers):
-        raise ValueError("cache_fp8_weights needs fused Q/K/V (one weight per GEMM)")
     grad_buffers = write_wgrads_in_place(layers, accumulate_grads, shared_grad_buffers)
     # The layers see the dtype they will see in training: BF16 under autocast (no cast cache
     # inside a graph), or the weights' own dtype for fp32.
@@ -295,11 +310,15 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
         graphed = te.make_graphed_callables(
             tuple(calls.values()), sample_args, num_warmup_iters=warmup_iters, enabled=fp8,
             recipe=make_recipe(precision) if fp8 else None, post_warmup_hook=torch.cuda.empty_cache,
-            cache_quantized_params=cache_fp8_weights)
+            cache_quantized_params=fp8)
     torch.cuda.synchronize(device)
     graphs = GraphedLayers(shape, padded_tokens, dict(zip(calls, graphed)), precision, grad_buffers, accumulate_grads)
-    if cache_fp8_weights:
-        graphs.fp8_weight_cache = collect_fp8_weight_cache(layers, {id(layer): gemm_weights(layer) for layer in layers})
+    if fp8 and grad_buffers:  # fused Q/K/V: one cached copy per weight, which the optimizer can refresh
+        try:
+            graphs.fp8_weight_cache = collect_fp8_weight_cache(
+                layers, {id(layer): gemm_weights(layer) for layer in layers})
+        except RuntimeError as exc:
+            logger.warning("FP8 weights stay cast in the forward: %s", exc)
     install_graphs(model, graphs)
     logger.info("captured CUDA graphs of %d layers for %s (%s)", len(calls), shape, precision)
     return graphs
@@ -322,7 +341,7 @@ def release_cuda_graphs(model: nn.Module) -> None:
             if getattr(module, "fuse_wgrad_accumulation", False):
                 module.fuse_wgrad_accumulation = False
             workspaces = getattr(module, "_fp8_workspaces", None)
-            if workspaces:  # TE's cached FP8 weights (cache_fp8_weights): their memory goes too
+            if workspaces:  # TE's cached FP8 weights: their memory goes too
                 workspaces.clear()
         for weight in layer.parameters():
             if hasattr(weight, "main_grad"):
@@ -337,8 +356,11 @@ def cast_fp8_weights_after_updates(model: nn.Module, optimizer) -> None:
     """Have `optimizer` (a LayerwiseAdamW over every decoder layer) cast each layer's FP8 weights
     right after updating it, on its side stream, and the graphs skip their own casts."""
     graphs = installed_graphs(model)
-    if graphs is None or graphs.fp8_weight_cache is None:
-        raise ValueError("the model's graphs keep no FP8 weight copies; capture with cache_fp8_weights=True")
+    if graphs is None:
+        raise ValueError("the model has no CUDA graphs: capture_cuda_graphs with an FP8 precision first")
+    if graphs.fp8_weight_cache is None:
+        raise ValueError("the model's graphs keep no refreshable FP8 weight copies: capture FP8 graphs of a model "
+                         "converted with fuse_qkv=True")
     trainable = [layer for layer in decoder_layers(model) if any(p.requires_grad for p in layer.parameters())]
     if {id(layer) for layer in getattr(optimizer, "layers", ())} != {id(layer) for layer in trainable}:
         raise ValueError("the FP8 weight copies must be refreshed after every layer's update: the optimizer must be "

@@ -37,6 +37,7 @@ from .cuda_graphs import (
     cast_fp8_weights_after_updates,
     graphs_leave_room,
     graphs_unsupported_reason,
+    installed_graphs,
     release_cuda_graphs,
 )
 from .data import DataError, DataReport, load_examples, split_eval
@@ -256,11 +257,16 @@ def overlap_off_reason(config: FinetuneConfig, runtime: Runtime, world: int) -> 
     return None
 
 
-def fp8_weight_cache_on(config: FinetuneConfig, runtime: Runtime, overlap_off: str | None) -> bool:
-    """Whether the graphs read FP8 weights the overlapped optimizer casts (an FP8 precision, fused
-    Q/K/V, the overlap on; the graphs themselves may still turn out off)."""
-    return (config.fp8_weight_cache and runtime.precision in FP8_PRECISIONS and config.fuse_qkv
-            and overlap_off is None)
+def hand_fp8_casts(config: FinetuneConfig, model, optimizer: torch.optim.Optimizer, overlap_off: str | None) -> None:
+    """FP8 graphs: cast the weights once per optimizer step (not per micro-batch), or, with the
+    overlapped optimizer and `fp8_weight_cache`, in the optimizer right after each layer's update."""
+    graphs = installed_graphs(model)
+    graphs.track_weight_updates(optimizer)
+    if config.fp8_weight_cache and overlap_off is None and graphs.fp8_weight_cache is not None:
+        cast_fp8_weights_after_updates(model, optimizer)
+        logger.info("FP8 weights: cast after each layer's update, on the optimizer's stream")
+    else:
+        logger.info("FP8 weights: cast in the first forward after each optimizer step")
 
 
 def optimizer_kernel(config: FinetuneConfig, runtime: Runtime) -> str:
@@ -293,10 +299,9 @@ def make_optimizer(config: FinetuneConfig, runtime: Runtime, model, params: list
 
 
 def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: BatchSource, steps: int,
-                      world: int, shared_grad_buffers: int = 0, cache_fp8_weights: bool = False) -> bool:
+                      world: int, shared_grad_buffers: int = 0) -> bool:
     """Capture the layers for the packed token budget, and pad every training row to it.
-    shared_grad_buffers: for LayerwiseAdamW, whose updates consume each layer's gradients in backward;
-    cache_fp8_weights: graphs that read cached FP8 weights (`cast_fp8_weights_after_updates`)."""
+    shared_grad_buffers: for LayerwiseAdamW, whose updates consume each layer's gradients in backward."""
     reason = graphs_off_reason(config, runtime, model, world)
     if reason:
         logger.info("CUDA graphs off: %s", reason)
@@ -310,8 +315,7 @@ def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: Ba
     max_docs = max_docs_per_batch(plans, train.lengths, budget, config.max_seq_len)
     try:
         capture_cuda_graphs(model, StaticShape(budget, max_docs, config.max_seq_len), runtime.precision,
-                            accumulate_grads=config.grad_accum > 1, shared_grad_buffers=shared_grad_buffers,
-                            cache_fp8_weights=cache_fp8_weights)
+                            accumulate_grads=config.grad_accum > 1, shared_grad_buffers=shared_grad_buffers)
     except torch.OutOfMemoryError:
         release_cuda_graphs(model)
         logger.warning("CUDA graphs off: capturing them ran out of GPU memory; running eagerly "
@@ -411,13 +415,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         if main:
             _truncate_metrics(metrics.path, position.step)
         logger.info("resumed from %s (step %d)", found[-1], position.step)
-    cache_fp8_weights = fp8_weight_cache_on(config, runtime, overlap_off)
     graphed = setup_cuda_graphs(config, runtime, accelerator.unwrap_model(model), train, steps, world,
-                                shared_grad_buffers=GRAD_BUFFER_SETS if not overlap_off and config.fuse_qkv else 0,
-                                cache_fp8_weights=cache_fp8_weights)
-    if graphed and cache_fp8_weights:  # docs/SPEED_NOTES.md, change 8
-        cast_fp8_weights_after_updates(accelerator.unwrap_model(model), getattr(optimizer, "optimizer", optimizer))
-        logger.info("FP8 weights: cast after each layer's update, on the optimizer's stream")
+                                shared_grad_buffers=GRAD_BUFFER_SETS if not overlap_off and config.fuse_qkv else 0)
+    if graphed and runtime.precision in FP8_PRECISIONS:  # docs/SPEED_NOTES.md, change 8
+        hand_fp8_casts(config, accelerator.unwrap_model(model), getattr(optimizer, "optimizer", optimizer),
+                       overlap_off)
     _log_start(config, runtime, report, len(train_set), steps, position)
 
     # ---- train

@@ -15,7 +15,8 @@ weight's amax lands in the same history slot before the same scale update). Eage
 (evaluation, batches that do not fit the graphs) cast their own weights as usual.
 
 TE keeps the workspaces in each module's `_fp8_workspaces` (TE 2.x); `collect_fp8_weight_cache`
-checks it finds one per GEMM weight and fails loudly otherwise rather than train on stale weights.
+checks it finds one per GEMM weight and raises otherwise (the capture then leaves the casts in the
+forward, logged) rather than let training read weights nobody refreshes.
 """
 
 from __future__ import annotations
@@ -62,8 +63,8 @@ class FP8WeightCache:
 def _workspace_quantizer(workspace: torch.Tensor) -> object:
     quantizer = getattr(workspace, "_quantizer", None)
     if quantizer is None:
-        raise RuntimeError("a cached FP8 weight has no quantizer; this Transformer Engine version keeps its "
-                           "weight cache differently: turn the FP8 weight cache off (cache_fp8_weights=False)")
+        raise RuntimeError("a cached FP8 weight has no quantizer (this Transformer Engine version keeps its "
+                           "weight cache differently)")
     quantizer = quantizer.copy()
     # The refresh must keep both copies the graphs read (the forward's rows, the dgrad's columns);
     # TE drops whichever storage the quantizer's usage leaves out.
@@ -85,12 +86,11 @@ def collect_fp8_weight_cache(layers: list[nn.Module], expected: dict[int, list[n
                 weight = getattr(module, name, None)
                 if not isinstance(weight, nn.Parameter) or tuple(weight.shape) != tuple(workspace.shape):
                     raise RuntimeError(f"TE's FP8 weight cache entry {name!r} of {type(module).__name__} matches no "
-                                       "weight of that shape; turn the FP8 weight cache off (cache_fp8_weights=False)")
+                                       "weight of that shape")
                 cached.append(CachedWeight(weight, workspace, _workspace_quantizer(workspace)))
         have = {id(c.weight) for c in cached}
         missing = [tuple(w.shape) for w in expected[id(layer)] if id(w) not in have]
         if missing:
-            raise RuntimeError(f"TE cached no FP8 copy of the weights shaped {missing}; turn the FP8 weight cache "
-                               "off (cache_fp8_weights=False)")
+            raise RuntimeError(f"TE cached no FP8 copy of the weights shaped {missing}")
         per_layer[id(layer)] = cached
     return FP8WeightCache(per_layer)

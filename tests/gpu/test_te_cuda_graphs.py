@@ -58,14 +58,17 @@ def packed_batches(vocab: int, count: int, seed: int = 0) -> list[dict]:
 
 
 def train(model, batches: list[dict], precision: str, grad_accum: int, layerwise: bool = False,
-          reused_grad_buffers: int = 0, kernel: str = "torch", cast_in_optimizer: bool = False) -> list[float]:
+          reused_grad_buffers: int = 0, kernel: str = "torch", cast_in_optimizer: bool = False,
+          track_updates: bool = False) -> list[float]:
     """AdamW steps of `grad_accum` micro-batches each; the mean micro-batch loss per step.
-    cast_in_optimizer: LayerwiseAdamW casts the FP8 weights the graphs read (cache_fp8_weights)."""
+    cast_in_optimizer: LayerwiseAdamW casts the FP8 weights the graphs read."""
     optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), reused_grad_buffers=reused_grad_buffers,
                                kernel=kernel, lr=1e-4, fused=True) if layerwise else \
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     if cast_in_optimizer:
         cast_fp8_weights_after_updates(model, optimizer)
+    if track_updates:  # FP8 graphs cast the weights only in the first micro-batch after a step
+        model.model.layers[0].context.graphs.track_weight_updates(optimizer)
     losses = []
     for start in range(0, len(batches), grad_accum):
         total = 0.0
@@ -170,9 +173,9 @@ def test_fp8_weights_cast_by_the_optimizer_train_like_casts_in_forward(precision
     cached = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
     batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
     most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
-    for model, cache in ((casting, False), (cached, True)):
+    for model in (casting, cached):
         capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, accumulate_grads=False,
-                            shared_grad_buffers=2, cache_fp8_weights=cache)
+                            shared_grad_buffers=2)
     want = train(casting, batches, precision, 1, layerwise=True, reused_grad_buffers=2)
     got = train(cached, batches, precision, 1, layerwise=True, reused_grad_buffers=2, cast_in_optimizer=True)
     loss_gap = max(abs(g - w) / w for g, w in zip(got, want))
@@ -190,6 +193,24 @@ def test_fp8_weights_cast_by_the_optimizer_train_like_casts_in_forward(precision
     assert not stale, f"cached FP8 weights differ from the current weights' quantization: {stale}"
     assert got[-1] < got[0]
     assert loss_gap <= GRAPH_LOSS_REL["fp8"] and param_gap <= GRAPH_PARAM_REL_L2["fp8"]
+
+
+@pytest.mark.parametrize("precision", ["fp8", "fp8-current"])
+def test_fp8_weights_cast_once_per_step_with_accumulation(precision: str, record_metric) -> None:
+    """Gradient accumulation over FP8 graphs told when the optimizer steps: the weights are cast
+    in the first micro-batch only, and the later ones read the same FP8 copies they would have made."""
+    hf = random_hf_model("qwen2-qkv-bias-tied", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
+    every = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
+    once = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
+    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
+    most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
+    for model in (every, once):
+        capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, accumulate_grads=True)
+    want = train(every, batches, precision, 2)
+    got = train(once, batches, precision, 2, track_updates=True)
+    record_metric(precision=precision, every_microbatch=want, once_per_step=got)
+    assert got[-1] < got[0]
+    assert got == want
 
 
 def test_graphed_model_evaluates_and_exports_eagerly(tmp_path) -> None:

@@ -109,8 +109,7 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
 
         capture_cuda_graphs(model, StaticShape(settings.batch * settings.seq, settings.batch, settings.seq),
                             variant.precision, accumulate_grads=False,  # one backward per step
-                            shared_grad_buffers=GRAD_BUFFER_SETS if variant.overlap_optimizer else 0,
-                            cache_fp8_weights=variant.cache_fp8_weights)
+                            shared_grad_buffers=GRAD_BUFFER_SETS if variant.overlap_optimizer else 0)
     ours = variant.name.startswith(("te-", "reference"))
     layout_up_front = ours and (settings.layout_kwargs or variant.cuda_graphs)
     return model, packed_layout_kwargs(settings, device) if layout_up_front else {}
@@ -126,7 +125,7 @@ def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool) -> tor
         optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority,
                                    GRAD_BUFFER_SETS if variant.cuda_graphs else 0, variant.optimizer_kernel, lr=1e-5,
                                    fused=fused)
-        if variant.cache_fp8_weights:
+        if variant.cast_fp8_weights_in_optimizer:
             from ..cuda_graphs import cast_fp8_weights_after_updates
 
             cast_fp8_weights_after_updates(model, optimizer)

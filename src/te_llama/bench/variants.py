@@ -32,8 +32,8 @@ class Variant:
     """That stream's priority (-1: high)."""
     optimizer_kernel: str = "torch"
     """LayerwiseAdamW's update kernel: "torch" (fused AdamW) or "triton" (te_llama.triton_adamw)."""
-    cache_fp8_weights: bool = False
-    """FP8: the graphs read cached FP8 weights that LayerwiseAdamW casts after each layer's update."""
+    cast_fp8_weights_in_optimizer: bool = False
+    """FP8 graphs: LayerwiseAdamW casts each layer's FP8 weights after its update, not the forward."""
 
 
 def _te_variant(precision: str) -> Variant:
@@ -61,7 +61,7 @@ def _te_graphs_variants(precision: str) -> list[Variant]:
             *([Variant(f"te-{precision}-graphs-overlap-triton-cached", f"te-llama TE layers as CUDA graphs, {label}, "
                        "AdamW per layer (Triton kernel) overlapping backward, FP8 weights cast right after each "
                        "layer's update instead of in the forward", (*needs, "triton"), precision, cuda_graphs=True,
-                       overlap_optimizer=True, optimizer_kernel="triton", cache_fp8_weights=True)]
+                       overlap_optimizer=True, optimizer_kernel="triton", cast_fp8_weights_in_optimizer=True)]
               if precision != "bf16" else [])]
 
 
