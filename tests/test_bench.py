@@ -81,3 +81,19 @@ def test_flop_count_matches_the_model_parameters() -> None:
     head_width = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
     attention = 6 * config.num_hidden_layers * 256 * head_width
     assert flops_per_token(config, 256) == 6 * matmul + attention
+
+
+def test_sample_data_batches_are_the_bundled_text_and_train() -> None:
+    """--data sample: real text rows (no padding, ids of the built-in tokenizer), a loss curve per step."""
+    from te_llama.bench.measure import measure, token_batches
+    from te_llama.builtin import builtin_tokenizer
+
+    settings = BenchSettings(preset="tiny-llama", batch=2, seq=64, steps=4, warmup=1, data="sample")
+    batches = token_batches(settings, 512, torch.device("cpu"))
+    assert len(batches) > 10 and all(tuple(b.shape) == (2, 64) for b in batches)
+    text = builtin_tokenizer().decode(batches[0][0])
+    assert "the" in text.lower() and int(torch.stack(batches).max()) < 512
+    result = measure("reference", settings)
+    assert len(result.losses) == 5 and result.losses[-1] < result.losses[0]
+    with pytest.raises(ValueError, match="'random' or 'sample'"):
+        token_batches(BenchSettings(data="zeros"), 512, torch.device("cpu"))

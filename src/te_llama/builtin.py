@@ -30,7 +30,8 @@ def asset_path(name: str) -> Path:
     return Path(str(resources.files("te_llama") / "assets" / name))
 
 
-def _training_lines() -> list[str]:
+def training_lines() -> list[str]:
+    """The sample text and every chat message's content, in file order."""
     import json
 
     lines = []
@@ -48,7 +49,7 @@ def builtin_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tokenizer.train_from_iterator(_training_lines(), trainer=trainer)
+    tokenizer.train_from_iterator(training_lines(), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         additional_special_tokens=SPECIAL_TOKENS[4:], chat_template=CHAT_TEMPLATE,

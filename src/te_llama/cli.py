@@ -60,7 +60,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     settings = BenchSettings(preset=args.preset, batch=args.batch, seq=args.seq, steps=args.steps,
                              warmup=args.warmup, seed=args.seed, sync_each_step=args.sync_each_step,
-                             layout_kwargs=args.layout_kwargs)
+                             layout_kwargs=args.layout_kwargs, data=args.data)
     report = run_bench(args.variants, settings, args.out, timeout_s=args.timeout)
     print(render_table(report))
     if args.out:
@@ -124,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="read the loss after every step (default), or queue steps back to back")
     bench.add_argument("--layout-kwargs", action=argparse.BooleanOptionalAction, default=False,
                        help="give te-llama layers cu_seq_lens up front (no host sync in the layers)")
+    bench.add_argument("--data", choices=["random", "sample"], default="random",
+                       help="token batches: seeded random ids, or the bundled sample text (loss-curve check)")
     bench.add_argument("--timeout", type=float, default=900, help="seconds per variant")
     bench.set_defaults(func=_bench)
     return parser

@@ -41,6 +41,9 @@ class BenchSettings:
     """Read the loss (a host sync) after every step, as a loop that logs each step does."""
     layout_kwargs: bool = False
     """Give te-llama layers the packed layout up front (cu_seq_lens_q), sparing their host sync."""
+    data: str = "random"
+    """"random": seeded random token ids; "sample": the bundled sample text and chat, tokenized by
+    the built-in tokenizer and cut into rows (a loss-curve check on real text; ids stay below 512)."""
 
 
 @dataclass
@@ -61,6 +64,8 @@ class BenchResult:
     """Most memory the caching allocator held, CUDA-graph pools included (what must fit on the GPU)."""
     final_loss: float | None = None
     step_ms: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    """Every step's loss, warm-up steps included (the loss curve)."""
 
 
 def flops_per_token(config, seq: int) -> float:
@@ -75,9 +80,26 @@ def flops_per_token(config, seq: int) -> float:
 
 
 def token_batches(settings: BenchSettings, vocab: int, device) -> list[torch.Tensor]:
+    if settings.data == "sample":
+        return sample_text_batches(settings, device)
+    if settings.data != "random":
+        raise ValueError(f"data={settings.data!r} is unknown; choose 'random' or 'sample'")
     gen = torch.Generator().manual_seed(settings.seed)
     return [torch.randint(0, vocab, (settings.batch, settings.seq), generator=gen).to(device)
             for _ in range(settings.distinct_batches)]
+
+
+def sample_text_batches(settings: BenchSettings, device) -> list[torch.Tensor]:
+    """Every full batch of rows the bundled samples make (documents joined by EOS, in file order)."""
+    from ..builtin import builtin_tokenizer, training_lines
+
+    tokenizer = builtin_tokenizer()
+    ids = [i for line in training_lines() for i in tokenizer(line)["input_ids"] + [tokenizer.eos_token_id]]
+    per_batch = settings.batch * settings.seq
+    if len(ids) < per_batch:
+        raise ValueError(f"the sample data has {len(ids)} tokens, fewer than one batch of {per_batch}")
+    rows = torch.tensor(ids[:len(ids) // per_batch * per_batch]).view(-1, settings.batch, settings.seq)
+    return [batch.to(device) for batch in rows]
 
 
 def packed_layout_kwargs(settings: BenchSettings, device) -> dict:
@@ -177,7 +199,7 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
         tflops=tflops, mfu=tflops / peak if peak else None,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        final_loss=float(losses[-1]), step_ms=times)
+        final_loss=float(losses[-1]), step_ms=times, losses=[float(loss) for loss in losses])
 
 
 def main() -> None:
