@@ -70,7 +70,11 @@ def delayed_scaling_target(cached: CachedWeight) -> FP8CastTarget | None:
     per-tensor E4M3 cast with a known scale (delayed scaling) into a row-major copy and its
     transpose (Hopper); None otherwise (current and block scaling need the new weight's amax first)."""
     quantizer, workspace, weight = cached.quantizer, cached.workspace, cached.weight
-    if type(quantizer).__name__ != "Float8Quantizer" or "E4M3" not in str(getattr(quantizer, "dtype", "")):
+    if type(quantizer).__name__ != "Float8Quantizer":
+        return None
+    import transformer_engine_torch as tex  # a Float8Quantizer means TE is there
+
+    if quantizer.dtype != tex.DType.kFloat8E4M3:
         return None
     rows, cols = getattr(workspace, "_data", None), getattr(workspace, "_transpose", None)
     if rows is None or cols is None or getattr(workspace, "_transpose_invalid", True):
