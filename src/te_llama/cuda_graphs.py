@@ -29,11 +29,7 @@ from torch import nn
 
 from .convert import CONVERSION_ATTR, decoder_layers
 from .errors import BackendUnavailableError
-from .fp8_weight_cache import (
-    FP8WeightCache,
-    collect_fp8_weight_cache,
-    delayed_scaling_target,
-)
+from .fp8_weight_cache import FP8WeightCache, collect_fp8_weight_cache
 from .precision import FP8_PRECISIONS, check_precision_available, make_recipe
 from .token_layout import TokenLayout
 
@@ -356,11 +352,9 @@ def release_cuda_graphs(model: nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
-def cast_fp8_weights_after_updates(model: nn.Module, optimizer, fuse_into_update: bool = True) -> None:
+def cast_fp8_weights_after_updates(model: nn.Module, optimizer) -> None:
     """Have `optimizer` (a LayerwiseAdamW over every decoder layer) cast each layer's FP8 weights
-    right after updating it, on its side stream, and the graphs skip their own casts.
-    fuse_into_update: with the Triton kernel and delayed scaling, the update kernel writes the FP8
-    copies itself (the weights are not read a second time)."""
+    right after updating it, on its side stream, and the graphs skip their own casts."""
     graphs = installed_graphs(model)
     if graphs is None:
         raise ValueError("the model has no CUDA graphs: capture_cuda_graphs with an FP8 precision first")
@@ -371,13 +365,6 @@ def cast_fp8_weights_after_updates(model: nn.Module, optimizer, fuse_into_update
     if {id(layer) for layer in getattr(optimizer, "layers", ())} != {id(layer) for layer in trainable}:
         raise ValueError("the FP8 weight copies must be refreshed after every layer's update: the optimizer must be "
                          "a LayerwiseAdamW over every trainable decoder layer")
-    if fuse_into_update and getattr(optimizer, "kernel", None) == "triton":
-        for layer in trainable:
-            for entry in graphs.fp8_weight_cache.entries(layer):
-                target = delayed_scaling_target(entry)
-                if target is not None and entry.weight.requires_grad:
-                    optimizer.fuse_fp8_cast(entry.weight, target)
-                    entry.cast_by_optimizer = True
     optimizer.after_layer_update = graphs.refresh_fp8_weights
     graphs.weights_cast_in_forward = False
 

@@ -26,8 +26,6 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .triton_adamw import FP8CastTarget
-
 
 @dataclass
 class CachedWeight:
@@ -37,8 +35,6 @@ class CachedWeight:
     """TE's quantized copy the graphed GEMMs read (a QuantizedTensor)."""
     quantizer: object
     """A copy of the workspace's quantizer with both usages (rows for forward, columns for dgrad)."""
-    cast_by_optimizer: bool = False
-    """The optimizer's update kernel writes this copy itself (`delayed_scaling_target`); refresh skips it."""
 
 
 class FP8WeightCache:
@@ -57,32 +53,11 @@ class FP8WeightCache:
     def refresh(self, layer: nn.Module) -> None:
         """Quantize the layer's current weights into the workspaces its graph reads (on the current stream)."""
         for cached in self._per_layer[id(layer)]:
-            if not cached.cast_by_optimizer:
-                cached.quantizer.update_quantized(cached.weight.detach(), cached.workspace)
+            cached.quantizer.update_quantized(cached.weight.detach(), cached.workspace)
 
     def refresh_all(self, layers: list[nn.Module]) -> None:
         for layer in layers:
             self.refresh(layer)
-
-
-def delayed_scaling_target(cached: CachedWeight) -> FP8CastTarget | None:
-    """Where a fused AdamW + cast kernel writes this weight's FP8 copy, when TE's own cast is a
-    per-tensor E4M3 cast with a known scale (delayed scaling) into a row-major copy and its
-    transpose (Hopper); None otherwise (current and block scaling need the new weight's amax first)."""
-    quantizer, workspace, weight = cached.quantizer, cached.workspace, cached.weight
-    if type(quantizer).__name__ != "Float8Quantizer":
-        return None
-    import transformer_engine_torch as tex  # a Float8Quantizer means TE is there
-
-    if quantizer.dtype != tex.DType.kFloat8E4M3:
-        return None
-    rows, cols = getattr(workspace, "_data", None), getattr(workspace, "_transpose", None)
-    if rows is None or cols is None or getattr(workspace, "_transpose_invalid", True):
-        return None
-    if weight.dtype != torch.bfloat16 or weight.dim() != 2 or not weight.is_contiguous():
-        return None
-    return FP8CastTarget(rows.view(torch.float8_e4m3fn), cols.view(torch.float8_e4m3fn), quantizer.scale,
-                         quantizer.amax, workspace._scale_inv)
 
 
 def _workspace_quantizer(workspace: torch.Tensor) -> object:

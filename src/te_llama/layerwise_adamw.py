@@ -59,7 +59,6 @@ class LayerwiseAdamW(torch.optim.AdamW):
                 raise ValueError("kernel='triton' needs a CUDA GPU and Triton; use kernel='torch'")
             adamw_kwargs = adamw_kwargs | {"fused": False, "foreach": False}  # state kept as non-fused AdamW's
         self._kernel = kernel
-        self._fp8_casts: dict[int, triton_adamw.FP8CastTarget] = {}  # id(param) -> its FP8 copy (fused cast)
         if reused_grad_buffers and any(not params for params in layer_groups):
             raise ValueError("reused gradient buffers need every decoder layer trainable (one group per layer)")
         super().__init__(groups, **adamw_kwargs)
@@ -76,18 +75,6 @@ class LayerwiseAdamW(torch.optim.AdamW):
         for index, layer in enumerate(self._layers):
             self._hooks.append(layer.register_forward_pre_hook(
                 functools.partial(self._watch_layer_input, index), with_kwargs=True))
-
-    @property
-    def kernel(self) -> str:
-        return self._kernel
-
-    def fuse_fp8_cast(self, param: nn.Parameter, target: triton_adamw.FP8CastTarget) -> None:
-        """Have the Triton update of `param` also write its FP8 copy (`triton_adamw.adamw_update_fp8`)."""
-        if self._kernel != "triton":
-            raise ValueError("a fused FP8 cast needs kernel='triton'")
-        if not any(param is p for group in self.param_groups for p in group["params"]):
-            raise ValueError("fuse_fp8_cast: the parameter is not one this optimizer updates")
-        self._fp8_casts[id(param)] = target
 
     @property
     def layers(self) -> list[nn.Module]:
@@ -157,13 +144,9 @@ class LayerwiseAdamW(torch.optim.AdamW):
                     state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["step"] += 1
-                args = (param, param.grad, state["exp_avg"], state["exp_avg_sq"], int(state["step"]),
-                        float(group["lr"]), group["betas"], group["eps"], group["weight_decay"])
-                target = self._fp8_casts.get(id(param))
-                if target is None:
-                    triton_adamw.adamw_update(*args)
-                else:
-                    triton_adamw.adamw_update_fp8(*args, target=target)
+                triton_adamw.adamw_update(param, param.grad, state["exp_avg"], state["exp_avg_sq"],
+                                          int(state["step"]), float(group["lr"]), group["betas"], group["eps"],
+                                          group["weight_decay"])
 
     def step(self, closure: None = None) -> None:
         """Update what backward did not (embeddings, final norm, lm_head), then wait for the layer updates."""

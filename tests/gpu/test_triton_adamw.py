@@ -82,38 +82,3 @@ def test_finetune_default_uses_the_triton_kernel(tmp_path, caplog, record_metric
     record_metric(triton_loss=losses["auto"], torch_loss=losses["torch"], relative_gap=gap)
     assert "optimizer: AdamW, triton kernel" in caplog.text and "optimizer: AdamW, torch kernel" in caplog.text
     assert gap <= 1e-2
-
-
-FP8_SHAPES = [(37, 129), (200, 136), (1024, 4096), (4096, 1024)]  # odd and real tile counts
-
-
-@pytest.mark.parametrize("shape", FP8_SHAPES, ids=[str(s) for s in FP8_SHAPES])
-def test_fused_fp8_cast_matches_the_update_then_te_cast(shape: tuple[int, int]) -> None:
-    """`adamw_update_fp8` = `adamw_update` followed by TE's delayed-scaling E4M3 cast of the new
-    weight: the same weight and moments bit for bit, the same FP8 copy and transpose, scale_inv, amax."""
-    pytest.importorskip("transformer_engine.pytorch")
-    import transformer_engine_torch as tex
-    from transformer_engine.pytorch.tensor.float8_tensor import Float8Quantizer
-
-    from te_llama.triton_adamw import FP8CastTarget, adamw_update, adamw_update_fp8
-
-    gen = torch.Generator(device="cuda").manual_seed(1)
-    weight = (0.02 * torch.randn(shape, device="cuda", generator=gen)).to(torch.bfloat16)
-    grad = (1e-2 * torch.randn(shape, device="cuda", generator=gen)).to(torch.bfloat16)
-    m = (1e-3 * torch.randn(shape, device="cuda", generator=gen)).to(torch.bfloat16)
-    v = (1e-6 * torch.rand(shape, device="cuda", generator=gen)).to(torch.bfloat16)
-    scale = torch.tensor([3000.0], device="cuda")  # some weights saturate at 448: the clamp is checked too
-    ref_w, ref_m, ref_v = weight.clone(), m.clone(), v.clone()
-    adamw_update(ref_w, grad, ref_m, ref_v, 3, **HYPER)
-    quantizer = Float8Quantizer(scale=scale.clone(), amax=torch.zeros(1, device="cuda"),
-                                fp8_dtype=tex.DType.kFloat8E4M3, rowwise=True, columnwise=True)
-    want = quantizer.quantize(ref_w)
-    rows = torch.empty(shape, device="cuda", dtype=torch.float8_e4m3fn)
-    cols = torch.empty(shape[::-1], device="cuda", dtype=torch.float8_e4m3fn)
-    amax, scale_inv = torch.zeros(1, device="cuda"), torch.zeros(1, device="cuda")
-    adamw_update_fp8(weight, grad, m, v, 3, **HYPER, target=FP8CastTarget(rows, cols, scale, amax, scale_inv))
-    assert torch.equal(weight, ref_w) and torch.equal(m, ref_m) and torch.equal(v, ref_v)
-    assert torch.equal(rows.view(torch.uint8), want._data.view(torch.uint8))
-    assert torch.equal(cols.view(torch.uint8), want._transpose.view(torch.uint8))
-    assert torch.equal(scale_inv, want._scale_inv.view(1)) and torch.equal(amax, quantizer.amax.view(1))
-    assert float(amax) == float(ref_w.float().abs().max())
