@@ -70,6 +70,8 @@ def render_table(report: dict, markdown: bool = False) -> str:
                      _fmt(r["final_loss"], ".3f"),
                      f"{ups[r['variant']]:.2f}x" if r["variant"] in ups else "-"])
     title = f"{s['preset']}, batch {s['batch']} x {s['seq']} tokens, {s['steps']} timed steps after {s['warmup']}"
+    if s.get("data", "random") != "random":
+        title += f", {s['data']} data"
     if markdown:
         lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
