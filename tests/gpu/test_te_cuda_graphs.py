@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 from conftest import random_hf_model, te_unavailable_reason
+from torch import nn
 
 import te_llama
 from te_llama.batching import collate_packed
@@ -163,19 +164,25 @@ def test_layerwise_adamw_trains_like_adamw(precision: str, graphs: bool, shared:
         assert loss_gap <= TRITON_LOSS_REL and param_gap <= TRITON_PARAM_REL_L2[family(precision)]
 
 
+def twin_graphed_models(arch: str, precision: str, **capture) -> tuple[nn.Module, nn.Module, list[dict]]:
+    """Two TE conversions of one random HF model, both captured as graphs, and packed batches for them."""
+    hf = random_hf_model(arch, gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
+    first = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
+    second = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
+    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
+    most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
+    for model in (first, second):
+        capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, **capture)
+    return first, second, batches
+
+
 @pytest.mark.parametrize("precision", ["fp8", "fp8-delayed", "fp8-current"])
 def test_fp8_weights_cast_by_the_optimizer_train_like_casts_in_forward(precision: str, record_metric) -> None:
     """Graphs reading FP8 weights that LayerwiseAdamW casts after each layer's update (on its
     stream) vs graphs that cast in every forward: the same casts of the same weights with the
     same scales, only earlier. Afterwards each cached copy is the current weight's quantization."""
-    hf = random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
-    casting = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
-    cached = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
-    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
-    most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
-    for model in (casting, cached):
-        capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, accumulate_grads=False,
-                            shared_grad_buffers=2)
+    casting, cached, batches = twin_graphed_models("llama3.1-gqa-llama3-rope", precision, accumulate_grads=False,
+                                                   shared_grad_buffers=2)
     want = train(casting, batches, precision, 1, layerwise=True, reused_grad_buffers=2)
     got = train(cached, batches, precision, 1, layerwise=True, reused_grad_buffers=2, cast_in_optimizer=True)
     loss_gap = max(abs(g - w) / w for g, w in zip(got, want))
@@ -199,13 +206,7 @@ def test_fp8_weights_cast_by_the_optimizer_train_like_casts_in_forward(precision
 def test_fp8_weights_cast_once_per_step_with_accumulation(precision: str, record_metric) -> None:
     """Gradient accumulation over FP8 graphs told when the optimizer steps: the weights are cast
     in the first micro-batch only, and the later ones read the same FP8 copies they would have made."""
-    hf = random_hf_model("qwen2-qkv-bias-tied", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
-    every = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
-    once = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
-    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
-    most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
-    for model in (every, once):
-        capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, accumulate_grads=True)
+    every, once, batches = twin_graphed_models("qwen2-qkv-bias-tied", precision, accumulate_grads=True)
     want = train(every, batches, precision, 2)
     got = train(once, batches, precision, 2, track_updates=True)
     record_metric(precision=precision, every_microbatch=want, once_per_step=got)
@@ -273,9 +274,9 @@ def test_released_graphs_train_like_eager(record_metric) -> None:
     assert got == want
 
 
-def test_finetune_overlaps_the_optimizer_without_clipping(tmp_path, caplog, record_metric) -> None:
-    """`te-llama finetune --max-grad-norm 0`: LayerwiseAdamW + graphs with shared gradient buffers
-    (the default then) vs --no-overlap-optimizer."""
+def finetune_both_ways(tmp_path, caplog, switch: str, **settings) -> tuple[dict[bool, float], float]:
+    """`te-llama finetune` (built-in model and data, 12 steps, logs captured) with `switch` on and
+    off: the final losses and their relative gap."""
     import logging
 
     from te_llama.finetune import finetune
@@ -283,35 +284,31 @@ def test_finetune_overlaps_the_optimizer_without_clipping(tmp_path, caplog, reco
 
     caplog.set_level(logging.INFO, logger="te_llama")
     results = {}
-    for overlap in (True, False):
-        config = resolve_config(output_dir=str(tmp_path / f"overlap-{overlap}"), backend="te", precision="bf16",
-                                max_steps=12, max_grad_norm=0.0, overlap_optimizer=overlap, eval_fraction=0.0,
-                                save_every=0, tensorboard=False, cache_dir=str(tmp_path / "cache"))
-        results[overlap] = finetune(config)
-    gap = abs(results[True].final_loss - results[False].final_loss) / results[False].final_loss
-    record_metric(overlapped_loss=results[True].final_loss, adamw_loss=results[False].final_loss, relative_gap=gap)
+    for on in (True, False):
+        config = resolve_config(output_dir=str(tmp_path / f"{switch}-{on}"), backend="te", max_steps=12,
+                                eval_fraction=0.0, save_every=0, tensorboard=False,
+                                cache_dir=str(tmp_path / "cache"), **{switch: on}, **settings)
+        results[on] = finetune(config).final_loss
+    return results, abs(results[True] - results[False]) / results[False]
+
+
+def test_finetune_overlaps_the_optimizer_without_clipping(tmp_path, caplog, record_metric) -> None:
+    """`te-llama finetune --max-grad-norm 0`: LayerwiseAdamW + graphs with shared gradient buffers
+    (the default then) vs --no-overlap-optimizer."""
+    losses, gap = finetune_both_ways(tmp_path, caplog, "overlap_optimizer", precision="bf16", max_grad_norm=0.0)
+    record_metric(overlapped_loss=losses[True], adamw_loss=losses[False], relative_gap=gap)
     assert caplog.text.count("captured CUDA graphs") == 2
     assert caplog.text.count("optimizer overlap off") == 1
     assert gap <= 1e-6
 
 
 def test_finetune_fp8_casts_weights_in_the_optimizer(tmp_path, caplog, record_metric) -> None:
-    """`te-llama finetune --precision fp8 --max-grad-norm 0`: the optimizer casts the FP8 weights
-    (the default then) vs --no-fp8-weight-cache (the graphs cast in each forward)."""
-    import logging
-
-    from te_llama.finetune import finetune
-    from te_llama.finetune_config import resolve_config
-
-    caplog.set_level(logging.INFO, logger="te_llama")
-    results = {}
-    for cache in (True, False):
-        config = resolve_config(output_dir=str(tmp_path / f"cache-{cache}"), backend="te", precision="fp8",
-                                max_steps=12, max_grad_norm=0.0, fp8_weight_cache=cache, eval_fraction=0.0,
-                                save_every=0, tensorboard=False, cache_dir=str(tmp_path / "cache"))
-        results[cache] = finetune(config)
-    gap = abs(results[True].final_loss - results[False].final_loss) / results[False].final_loss
-    record_metric(cached_loss=results[True].final_loss, casting_loss=results[False].final_loss, relative_gap=gap)
+    """`te-llama finetune --precision fp8 --max-grad-norm 0 --fp8-weight-cache`: the optimizer casts
+    the FP8 (block-scaled) weights, vs the graphs casting them in each forward: the same casts.
+    Two runs in one process also check that graphs captured after other graphs read fresh weights."""
+    losses, gap = finetune_both_ways(tmp_path, caplog, "fp8_weight_cache", precision="fp8", max_grad_norm=0.0)
+    record_metric(cached_loss=losses[True], casting_loss=losses[False], relative_gap=gap)
     assert caplog.text.count("FP8 weights: cast after each layer's update") == 1
+    assert caplog.text.count("FP8 weights: cast in the first forward after each optimizer step") == 1
     assert caplog.text.count("captured CUDA graphs") == 2
-    assert gap <= GRAPH_LOSS_REL["fp8"]
+    assert gap <= 1e-6
