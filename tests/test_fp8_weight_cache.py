@@ -145,3 +145,28 @@ def test_casts_are_handed_only_to_an_optimizer_that_updates_every_layer() -> Non
     plain = reference_model()
     with pytest.raises(ValueError, match="no CUDA graphs"):
         cast_fp8_weights_after_updates(plain, LayerwiseAdamW(plain, list(decoder_layers(plain))))
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_graphs_cast_only_in_the_first_forward_after_an_optimizer_step(layerwise: bool) -> None:
+    """track_weight_updates: micro-batches after the first one of a step reuse the FP8 copies;
+    any optimizer.step() (AdamW or LayerwiseAdamW) makes the next forward cast again."""
+    seen: list[dict] = []
+    model, graphs = graphed_reference_model(seen)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = LayerwiseAdamW(model, [], lr=1e-2) if layerwise else torch.optim.AdamW(params, lr=1e-2)
+    graphs.track_weight_updates(optimizer)
+    ids = torch.randint(0, 50, (2, 16))
+    layers = len(decoder_layers(model))
+
+    def casts_per_forward() -> list[bool]:
+        return [kw["is_first_microbatch"] for kw in seen[::layers]]
+
+    for _ in range(2):  # two steps of two micro-batches
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert casts_per_forward() == [True, False, True, False]
+    assert len(seen) == 4 * layers
+    assert all(len({kw["is_first_microbatch"] for kw in seen[i:i + layers]}) == 1 for i in range(0, len(seen), layers))
