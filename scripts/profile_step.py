@@ -68,8 +68,9 @@ def profile(variant: str, preset: str, batch: int, seq: int, steps: int) -> dict
     from te_llama.precision import autocast
 
     v = VARIANTS[variant]
-    model, extra = build_model(variant, BenchSettings(preset=preset, batch=batch, seq=seq))
-    opt = make_optimizer(model, v, fused=True)  # the bench's own optimizer (LayerwiseAdamW for -overlap)
+    settings = BenchSettings(preset=preset, batch=batch, seq=seq)
+    model, extra = build_model(variant, settings)
+    opt = make_optimizer(model, v, fused=True, lr=settings.lr)  # the bench's own optimizer (LayerwiseAdamW for -overlap)
     ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
 
     def step():

@@ -97,3 +97,13 @@ def test_sample_data_batches_are_the_bundled_text_and_train() -> None:
     assert len(result.losses) == 5 and result.losses[-1] < result.losses[0]
     with pytest.raises(ValueError, match="'random' or 'sample'"):
         token_batches(BenchSettings(data="zeros"), 512, torch.device("cpu"))
+
+
+def test_learning_rate_setting_reaches_the_optimizer_and_the_report_title() -> None:
+    from te_llama.bench.measure import make_optimizer
+
+    model = torch.nn.Linear(2, 2)
+    assert make_optimizer(model, VARIANTS["hf-cpu"], fused=False, lr=3e-4).param_groups[0]["lr"] == 3e-4
+    report = {"settings": {"preset": "p", "batch": 1, "seq": 2, "steps": 3, "warmup": 1, "lr": 1e-4},
+              "environment": {}, "results": []}
+    assert "lr 0.0001" in render_table(report)

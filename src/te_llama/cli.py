@@ -60,7 +60,7 @@ def _bench(args: argparse.Namespace) -> int:
 
     settings = BenchSettings(preset=args.preset, batch=args.batch, seq=args.seq, steps=args.steps,
                              warmup=args.warmup, seed=args.seed, sync_each_step=args.sync_each_step,
-                             layout_kwargs=args.layout_kwargs, data=args.data)
+                             layout_kwargs=args.layout_kwargs, data=args.data, lr=args.lr)
     report = run_bench(args.variants, settings, args.out, timeout_s=args.timeout)
     print(render_table(report))
     if args.out:
@@ -126,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="give te-llama layers cu_seq_lens up front (no host sync in the layers)")
     bench.add_argument("--data", choices=["random", "sample"], default="random",
                        help="token batches: seeded random ids, or the bundled sample text (loss-curve check)")
+    bench.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, every variant")
     bench.add_argument("--timeout", type=float, default=900, help="seconds per variant")
     bench.set_defaults(func=_bench)
     return parser

@@ -44,6 +44,8 @@ class BenchSettings:
     data: str = "random"
     """"random": seeded random token ids; "sample": the bundled sample text and chat, tokenized by
     the built-in tokenizer and cut into rows (a loss-curve check on real text; ids stay below 512)."""
+    lr: float = 1e-5
+    """AdamW's learning rate, the same for every variant (loss-curve checks at other rates)."""
 
 
 @dataclass
@@ -137,22 +139,22 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
     return model, packed_layout_kwargs(settings, device) if layout_up_front else {}
 
 
-def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool) -> torch.optim.Optimizer:
-    """AdamW (lr 1e-5, BF16 moments on BF16 weights) for every variant; per layer for the overlap variants."""
+def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool, lr: float) -> torch.optim.Optimizer:
+    """AdamW (BF16 moments on BF16 weights, lr from the settings) for every variant; per layer for the overlap variants."""
     if variant.optimizer_kernel == "triton" and not variant.overlap_optimizer:  # no layers: AdamW after backward
-        return LayerwiseAdamW(model, [], kernel="triton", lr=1e-5, fused=fused)
+        return LayerwiseAdamW(model, [], kernel="triton", lr=lr, fused=fused)
     if variant.overlap_optimizer:
         from ..convert import decoder_layers
 
         optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority,
-                                   GRAD_BUFFER_SETS if variant.cuda_graphs else 0, variant.optimizer_kernel, lr=1e-5,
+                                   GRAD_BUFFER_SETS if variant.cuda_graphs else 0, variant.optimizer_kernel, lr=lr,
                                    fused=fused)
         if variant.cast_fp8_weights_in_optimizer:
             from ..cuda_graphs import cast_fp8_weights_after_updates
 
             cast_fp8_weights_after_updates(model, optimizer)
         return optimizer
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=fused)
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=fused)
 
 
 def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
@@ -161,7 +163,7 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     device = torch.device("cuda") if cuda else torch.device("cpu")
     model, extra = build_model(variant_name, settings)
     config = model.config
-    optimizer = make_optimizer(model, variant, fused=cuda)
+    optimizer = make_optimizer(model, variant, fused=cuda, lr=settings.lr)
     batches = token_batches(settings, config.vocab_size, device)
     times, losses, events = [], [], []
     for step in range(settings.warmup + settings.steps):

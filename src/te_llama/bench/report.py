@@ -72,6 +72,8 @@ def render_table(report: dict, markdown: bool = False) -> str:
     title = f"{s['preset']}, batch {s['batch']} x {s['seq']} tokens, {s['steps']} timed steps after {s['warmup']}"
     if s.get("data", "random") != "random":
         title += f", {s['data']} data"
+    if s.get("lr", 1e-5) != 1e-5:
+        title += f", lr {s['lr']:g}"
     if markdown:
         lines = [f"**{title}**", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows]) + "\n"
