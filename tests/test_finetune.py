@@ -306,3 +306,10 @@ def test_optimizer_kernel_choice_and_errors(tmp_path) -> None:
     with pytest.raises(ValueError, match="needs a CUDA GPU and Triton"):
         run(tmp_path, optimizer_kernel="triton")
     assert not (tmp_path / "run").exists()  # refused before anything was written
+
+
+def test_bf16_layer_counts_are_checked_before_the_run_starts(tmp_path) -> None:
+    with pytest.raises(ValueError, match="cannot keep the first 99"):
+        run(tmp_path, bf16_first_layers=99)
+    assert not (tmp_path / "run").exists()
+    assert run(tmp_path, "ok", bf16_first_layers=1, bf16_last_layers=1, max_steps=2).steps == 2  # inert in fp32

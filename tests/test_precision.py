@@ -46,3 +46,16 @@ def test_bf16_autocast_runs_the_reference_model_on_cpu() -> None:
             low = model(ids).logits
     assert low.dtype == torch.bfloat16
     assert float((low.float() - full).norm() / full.norm()) < 2e-2
+
+
+def test_keep_layers_in_bf16_marks_the_first_and_last_layers_and_rejects_bad_counts() -> None:
+    model = te_llama.convert(random_hf_model("llama2-mha"), backend="reference")
+    layers = model.model.layers
+    count = len(layers)
+    assert te_llama.keep_layers_in_bf16(model, 1, 1) == [0, count - 1]
+    assert [layer.fp8 for layer in layers] == [False] + [True] * (count - 2) + [False]
+    assert te_llama.keep_layers_in_bf16(model, 0) == []  # back to FP8 everywhere
+    assert all(layer.fp8 for layer in layers)
+    for first, last in ((count, 1), (-1, 0)):
+        with pytest.raises(ValueError, match="choose counts >= 0"):
+            te_llama.keep_layers_in_bf16(model, first, last)

@@ -14,7 +14,7 @@ from .errors import (
     WeightMappingError,
 )
 from .mapping import hf_to_te, te_to_hf
-from .precision import PRECISIONS, autocast
+from .precision import PRECISIONS, autocast, keep_layers_in_bf16
 from .spec import ArchitectureSpec
 
 __version__ = "0.1.0"
@@ -31,6 +31,7 @@ __all__ = [
     "convert",
     "from_pretrained",
     "hf_to_te",
+    "keep_layers_in_bf16",
     "save_pretrained",
     "te_to_hf",
 ]

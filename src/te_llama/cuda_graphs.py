@@ -308,15 +308,17 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
         # Warm-up runs eagerly; its freed blocks stay cached outside the graphs' private pool
         # unless released before capture (at 4 x 1024 tokens that alone ran a 7B out of memory).
         graphed = te.make_graphed_callables(
-            tuple(calls.values()), sample_args, num_warmup_iters=warmup_iters, enabled=fp8,
+            tuple(calls.values()), sample_args, num_warmup_iters=warmup_iters,
+            enabled=tuple(fp8 and getattr(layer, "fp8", True) for layer in layers),  # keep_layers_in_bf16
             recipe=make_recipe(precision) if fp8 else None, post_warmup_hook=torch.cuda.empty_cache,
             cache_quantized_params=fp8)
     torch.cuda.synchronize(device)
     graphs = GraphedLayers(shape, padded_tokens, dict(zip(calls, graphed)), precision, grad_buffers, accumulate_grads)
     if fp8 and grad_buffers:  # fused Q/K/V: one cached copy per weight, which the optimizer can refresh
         try:
+            fp8_layers = [layer for layer in layers if getattr(layer, "fp8", True)]
             graphs.fp8_weight_cache = collect_fp8_weight_cache(
-                layers, {id(layer): gemm_weights(layer) for layer in layers})
+                fp8_layers, {id(layer): gemm_weights(layer) for layer in fp8_layers})
         except RuntimeError as exc:
             logger.warning("FP8 weights stay cast in the forward: %s", exc)
     install_graphs(model, graphs)

@@ -54,7 +54,13 @@ from .parallel import (
     save_sharded_checkpoint,
     shard_fsdp2,
 )
-from .precision import FP8_PRECISIONS, PRECISIONS, autocast, check_precision_available
+from .precision import (
+    FP8_PRECISIONS,
+    PRECISIONS,
+    autocast,
+    check_precision_available,
+    keep_layers_in_bf16,
+)
 from .training_state import (
     Position,
     checkpoints,
@@ -370,6 +376,10 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     optimizer_kernel(config, runtime)  # a bad choice fails here, before anything is written
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config, runtime)
+    if config.bf16_first_layers or config.bf16_last_layers:  # before graphs and sharding see the layers
+        kept = keep_layers_in_bf16(model, config.bf16_first_layers, config.bf16_last_layers)
+        logger.info("decoder layers %s run in BF16%s", kept, "" if runtime.precision in FP8_PRECISIONS
+                    else f" (inert: precision {runtime.precision} has no FP8)")
     data = config.data or str(asset_path(SAMPLE_TEXT))
     cache_dir = config.cache_dir or str(Path.home() / ".cache" / "te-llama")
     with accelerator.main_process_first():  # the main process tokenizes and caches; the others read it

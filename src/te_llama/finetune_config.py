@@ -65,6 +65,10 @@ class FinetuneConfig:
     """Update each decoder layer during backward on a second CUDA stream (LayerwiseAdamW), overlapping AdamW with the backward's GEMMs; with CUDA graphs the layers' weight gradients then share two buffers. Only where that equals AdamW after backward: grad_accum 1, max_grad_norm 0, one process, no activation checkpointing (otherwise plain AdamW, logged)."""
     fp8_weight_cache: bool = False
     """FP8 with CUDA graphs and the overlapped optimizer: cast each layer's weights to FP8 right after its update, on the optimizer's stream, instead of in the next forward (te_llama.fp8_weight_cache). Same training; measured no faster on a 7B (docs/SPEED_NOTES.md, change 8), so off by default."""
+    bf16_first_layers: int = 0
+    """FP8 precisions: run this many first decoder layers in BF16 (most of FP8's slower learning comes from them: docs/SPEED_NOTES.md, change 10)."""
+    bf16_last_layers: int = 0
+    """FP8 precisions: run this many last decoder layers in BF16."""
     optimizer_kernel: str = "auto"
     """AdamW's update kernel: "torch" (fused AdamW), "triton" (te_llama.triton_adamw: ~25% faster on a 7B; CUDA, not FSDP2), or "auto" (triton where it runs)."""
     activation_checkpointing: bool = False

@@ -54,7 +54,7 @@ class FP8WeightCache:
     @torch.no_grad()
     def refresh(self, layer: nn.Module) -> None:
         """Quantize the layer's current weights into the workspaces its graph reads (on the current stream)."""
-        for cached in self._per_layer[id(layer)]:
+        for cached in self._per_layer.get(id(layer), ()):  # layers kept in BF16 have none
             cached.quantizer.update_quantized(cached.weight.detach(), cached.workspace)
 
 

@@ -312,3 +312,44 @@ def test_finetune_fp8_casts_weights_in_the_optimizer(tmp_path, caplog, record_me
     assert caplog.text.count("FP8 weights: cast in the first forward after each optimizer step") == 1
     assert caplog.text.count("captured CUDA graphs") == 2
     assert gap <= 1e-6
+
+
+def layer_deltas(model: nn.Module, inputs: dict, precision: str) -> list[torch.Tensor]:
+    """What each decoder layer adds to the residual stream (output - input) in one training forward."""
+    deltas, handles = [], []
+
+    def record(_module, args, kwargs, out):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        deltas.append((out - hidden).detach().float())
+
+    for layer in decoder_layers(model):
+        handles.append(layer.register_forward_hook(record, with_kwargs=True))
+    try:
+        with te_llama.autocast(precision):
+            model(**inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return deltas
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["eager", "graphs"])
+def test_layers_kept_in_bf16_run_bf16_inside_fp8(graphs: bool, record_metric) -> None:
+    """keep_layers_in_bf16: the first layer's contribution under FP8 equals BF16's on the same
+    input (eager, and in its CUDA graph); the middle layers' carry FP8's error."""
+    hf = random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
+    reference = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
+    mixed = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
+    count = len(decoder_layers(mixed))
+    assert te_llama.keep_layers_in_bf16(mixed, 1, 1) == [0, count - 1]
+    batches = packed_batches(hf.config.vocab_size, 1)
+    if graphs:
+        docs = int(batches[0]["cu_seq_lens_q"].numel()) - 1
+        capture_cuda_graphs(mixed, StaticShape(BUDGET, docs + 2, MAX_DOC), "fp8", accumulate_grads=False)
+    want = layer_deltas(reference, batches[0], "bf16")
+    got = layer_deltas(mixed, batches[0], "fp8")
+    gaps = [rel_l2(g, w) for g, w in zip(got, want)]
+    record_metric(graphs=graphs, layer_delta_rel_l2=gaps)
+    assert len(gaps) == count >= 3
+    assert gaps[0] <= GRAPH_LOSS_REL["bf16"], f"layer 0 kept in BF16 differs from BF16 by {gaps[0]:.2e}"
+    assert min(gaps[1:-1]) > 5e-3, f"a middle layer did not run in FP8: {gaps}"

@@ -34,6 +34,8 @@ class Variant:
     """LayerwiseAdamW's update kernel: "torch" (fused AdamW) or "triton" (te_llama.triton_adamw)."""
     cast_fp8_weights_in_optimizer: bool = False
     """FP8 graphs: LayerwiseAdamW casts each layer's FP8 weights after its update, not the forward."""
+    bf16_first_layers: int = 0
+    """FP8: this many first decoder layers run in BF16 (`te_llama.keep_layers_in_bf16`)."""
 
 
 def _te_variant(precision: str) -> Variant:
@@ -62,7 +64,12 @@ def _te_graphs_variants(precision: str) -> list[Variant]:
                        "AdamW per layer (Triton kernel) overlapping backward, FP8 weights cast right after each "
                        "layer's update instead of in the forward", (*needs, "triton"), precision, cuda_graphs=True,
                        overlap_optimizer=True, optimizer_kernel="triton", cast_fp8_weights_in_optimizer=True)]
-              if precision != "bf16" else [])]
+              if precision != "bf16" else []),
+            *[Variant(f"te-{precision}-graphs-overlap-triton-bf16first{n}", f"te-llama TE layers as CUDA graphs, "
+                      f"{label}, AdamW per layer (Triton kernel) overlapping backward, the first {n} decoder "
+                      f"layer{'s' if n > 1 else ''} in BF16", (*needs, "triton"), precision, cuda_graphs=True,
+                      overlap_optimizer=True, optimizer_kernel="triton", bf16_first_layers=n)
+              for n in ((1, 2) if precision != "bf16" else ())]]
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -134,5 +141,10 @@ def prepare(variant: Variant, model) -> torch.nn.Module:
         "reference": lambda m: convert(m, backend="reference", fuse_qkv=True),
     }
     if variant.name.startswith("te-"):
-        return convert(model, backend="te", fuse_qkv=True)
+        model = convert(model, backend="te", fuse_qkv=True)
+        if variant.bf16_first_layers:
+            from ..precision import keep_layers_in_bf16
+
+            keep_layers_in_bf16(model, variant.bf16_first_layers)
+        return model
     return prepare_fn[variant.name](model)
