@@ -95,6 +95,7 @@ def test_sample_data_batches_are_the_bundled_text_and_train() -> None:
     assert "the" in text.lower() and int(torch.stack(batches).max()) < 512
     result = measure("reference", settings)
     assert len(result.losses) == 5 and result.losses[-1] < result.losses[0]
+    assert result.last_pass_loss is None  # 5 steps saw fewer than every batch once
     with pytest.raises(ValueError, match="'random' or 'sample'"):
         token_batches(BenchSettings(data="zeros"), 512, torch.device("cpu"))
 
@@ -107,3 +108,14 @@ def test_learning_rate_setting_reaches_the_optimizer_and_the_report_title() -> N
     report = {"settings": {"preset": "p", "batch": 1, "seq": 2, "steps": 3, "warmup": 1, "lr": 1e-4},
               "environment": {}, "results": []}
     assert "lr 0.0001" in render_table(report)
+
+
+def test_last_pass_loss_averages_one_step_per_distinct_batch() -> None:
+    from te_llama.bench.measure import last_pass_mean
+
+    assert last_pass_mean([9.0, 4.0, 1.0, 2.0, 3.0], 3) == pytest.approx(2.0)
+    assert last_pass_mean([9.0, 4.0], 3) is None
+    settings = BenchSettings(preset="tiny-llama", batch=2, seq=32, steps=5, warmup=1, distinct_batches=4)
+    result = _run_variant("hf-cpu", settings, timeout_s=300)
+    assert len(result.losses) == 6
+    assert result.last_pass_loss == pytest.approx(sum(result.losses[-4:]) / 4)

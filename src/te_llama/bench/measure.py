@@ -65,6 +65,9 @@ class BenchResult:
     peak_reserved_gib: float | None = None
     """Most memory the caching allocator held, CUDA-graph pools included (what must fit on the GPU)."""
     final_loss: float | None = None
+    last_pass_loss: float | None = None
+    """Mean loss of the last steps that saw each distinct batch once: unlike the last step's loss,
+    it does not depend on which batch happened to come last (a loss-curve comparison across variants)."""
     step_ms: list[float] = field(default_factory=list)
     losses: list[float] = field(default_factory=list)
     """Every step's loss, warm-up steps included (the loss curve)."""
@@ -157,6 +160,13 @@ def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool, lr: fl
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=fused)
 
 
+def last_pass_mean(losses: list[float], distinct_batches: int) -> float | None:
+    """The mean of the last `distinct_batches` losses (None when fewer steps ran)."""
+    if len(losses) < distinct_batches:
+        return None
+    return sum(losses[-distinct_batches:]) / distinct_batches
+
+
 def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     variant = VARIANTS[variant_name]
     cuda = "cuda" in variant.needs
@@ -201,7 +211,8 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
         tflops=tflops, mfu=tflops / peak if peak else None,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        final_loss=float(losses[-1]), step_ms=times, losses=[float(loss) for loss in losses])
+        final_loss=float(losses[-1]), last_pass_loss=last_pass_mean([float(loss) for loss in losses], len(batches)),
+        step_ms=times, losses=[float(loss) for loss in losses])
 
 
 def main() -> None:

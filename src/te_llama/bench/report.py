@@ -55,7 +55,7 @@ def _fmt(value, spec: str) -> str:
 def render_table(report: dict, markdown: bool = False) -> str:
     s = report["settings"]
     head = ["variant", "ms/step (median)", "p10-p90", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "reserved GiB",
-            "final loss",
+            "final loss", "last-pass loss",
             f"speedup vs {BASELINE}"]
     rows = []
     ups = speedups(report["results"])
@@ -67,7 +67,7 @@ def render_table(report: dict, markdown: bool = False) -> str:
                      _fmt(r["tokens_per_s"], ",.0f"), _fmt(r["tflops"], ".1f"),
                      _fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""),
                      _fmt(r["peak_mem_gib"], ".1f"), _fmt(r.get("peak_reserved_gib"), ".1f"),
-                     _fmt(r["final_loss"], ".3f"),
+                     _fmt(r["final_loss"], ".3f"), _fmt(r.get("last_pass_loss"), ".3f"),
                      f"{ups[r['variant']]:.2f}x" if r["variant"] in ups else "-"])
     title = f"{s['preset']}, batch {s['batch']} x {s['seq']} tokens, {s['steps']} timed steps after {s['warmup']}"
     if s.get("data", "random") != "random":
