@@ -102,6 +102,8 @@ def test_resume_continues_exactly(tmp_path) -> None:
     whole = run(tmp_path, "whole")
     run(tmp_path, "split", stop_after_steps=6)
     assert [p.name for p in checkpoints(tmp_path / "split" / "checkpoints")] == ["step-00000004", "step-00000006"]
+    saved = tmp_path / "split" / "run_config.json"  # a run started before a setting existed
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "bf16_first_layers"}))
     resumed = run(tmp_path, "split", resume=True)
     assert resumed.steps == 12
     want, got = train_losses(whole.output_dir), train_losses(resumed.output_dir)

@@ -11,7 +11,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,8 @@ def prepare_output_dir(config: FinetuneConfig, world: int = 1) -> Path:
     if config.resume:
         if not saved.is_file():
             raise RunDirectoryError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing)")
-        previous = json.loads(saved.read_text())
+        # A setting added after the run started is absent from its file: it ran with the default.
+        previous = {f.name: f.default for f in fields(FinetuneConfig)} | json.loads(saved.read_text())
         global_batch = previous.get("grad_accum", 1) * previous.get("world_size", 1)
         changed = sorted(k for k, v in asdict(config).items()
                          if k not in RESUME_FREE_FIELDS and previous.get(k) != v
