@@ -205,14 +205,14 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     tokens_per_s = settings.batch * settings.seq / (median / 1000)
     tflops = tokens_per_s * flops_per_token(config, settings.seq) / 1e12
     peak = peak_tflops(device)
+    curve = [float(loss) for loss in losses]
     return BenchResult(
         variant_name, "ok", median_ms=median, p10_ms=ordered[len(ordered) // 10],
         p90_ms=ordered[min(len(ordered) - 1, (9 * len(ordered)) // 10)], tokens_per_s=tokens_per_s,
         tflops=tflops, mfu=tflops / peak if peak else None,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
         peak_reserved_gib=torch.cuda.max_memory_reserved() / 2**30 if cuda else None,
-        final_loss=float(losses[-1]), last_pass_loss=last_pass_mean([float(loss) for loss in losses], len(batches)),
-        step_ms=times, losses=[float(loss) for loss in losses])
+        final_loss=curve[-1], last_pass_loss=last_pass_mean(curve, len(batches)), step_ms=times, losses=curve)
 
 
 def main() -> None:
