@@ -13,7 +13,7 @@ needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the 
 
 
 @needs_no_gpu
-@pytest.mark.parametrize("precision", ["fp8", "fp8-delayed", "fp8-current", "fp8-block", "mxfp8"])
+@pytest.mark.parametrize("precision", te_llama.PRECISIONS[2:])
 def test_fp8_without_gpu_is_a_clear_error(precision: str) -> None:
     with pytest.raises(BackendUnavailableError, match="needs an NVIDIA GPU"):
         with te_llama.autocast(precision):

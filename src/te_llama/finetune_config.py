@@ -26,7 +26,8 @@ class FinetuneConfig:
     backend: str = "auto"
     """"te", "reference", "hf" (transformers as is, the baseline), or "auto" (TE when CUDA and TE are present)."""
     precision: str = "auto"
-    """"fp32", "bf16", "fp8" (default recipe), "fp8-delayed", "fp8-current", "fp8-block", "mxfp8"; auto = bf16 on GPU, fp32 on CPU."""
+    """"fp32", "bf16", "fp8" (default recipe), "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
+    "fp8-delayed-fastacc", "fp8-current-fastacc" (fast FP8 accumulation in the backward GEMMs too); auto = bf16 on GPU, fp32 on CPU."""
     param_dtype: str = "auto"
     """Dtype the weights are stored and updated in: "float32" or "bfloat16"; auto = bf16 on GPU (a 7B fits), fp32 on CPU."""
     fuse_qkv: bool = True

@@ -8,6 +8,9 @@ BF16 through `torch.autocast`; the FP8 names add TE's FP8 autocast with a recipe
     fp8-current  TE Float8CurrentScaling (per-tensor scale from the current amax)
     fp8-block    TE Float8BlockScaling (1x128 / 128x128 blocks; Hopper)
     mxfp8        TE MXFP8BlockScaling (Blackwell and newer)
+    fp8-delayed-fastacc, fp8-current-fastacc
+                 the same recipes with Hopper's fast FP8 accumulation in the backward GEMMs
+                 too (TE promotes their partial sums to FP32 by default; te_llama.fp8_recipes)
 
 `keep_layers_in_bf16` exempts the first / last decoder layers from FP8 (they run BF16 inside
 the FP8 autocast): most of FP8's slower learning comes from the first layers (docs/SPEED_NOTES.md).
@@ -23,9 +26,12 @@ import torch
 
 from .errors import BackendUnavailableError
 
-PRECISIONS = ("fp32", "bf16", "fp8", "fp8-delayed", "fp8-current", "fp8-block", "mxfp8")
+PRECISIONS = ("fp32", "bf16", "fp8", "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
+              "fp8-delayed-fastacc", "fp8-current-fastacc")
 FP8_PRECISIONS = PRECISIONS[2:]
 DEFAULT_FP8 = "fp8-block"
+DELAYED_SCALING = {"amax_history_len": 16, "amax_compute_algo": "max"}
+"""Delayed scaling's settings (HYBRID format: E4M3 forward, E5M2 gradients; TE's default)."""
 
 
 def make_recipe(precision: str) -> Any:
@@ -36,10 +42,18 @@ def make_recipe(precision: str) -> Any:
 
     name = DEFAULT_FP8 if precision == "fp8" else precision
     if name == "fp8-delayed":
-        return recipe.DelayedScaling(fp8_format=recipe.Format.HYBRID, amax_history_len=16,
-                                     amax_compute_algo="max")
+        return recipe.DelayedScaling(**DELAYED_SCALING)
+    if name == "fp8-delayed-fastacc":
+        from .fp8_recipes import DelayedScalingFastAccumulation
+
+        return DelayedScalingFastAccumulation(**DELAYED_SCALING)
     if name == "fp8-current":
         return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID)
+    if name == "fp8-current-fastacc":
+        from .fp8_recipes import fast_accumulation
+
+        return recipe.Float8CurrentScaling(fp8_format=recipe.Format.HYBRID, fp8_gemm_fprop=fast_accumulation(),
+                                           fp8_gemm_dgrad=fast_accumulation(), fp8_gemm_wgrad=fast_accumulation())
     if name == "fp8-block":
         return recipe.Float8BlockScaling()
     return recipe.MXFP8BlockScaling()
