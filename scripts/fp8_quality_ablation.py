@@ -11,6 +11,9 @@ Arms (all per-tensor current scaling, E4M3 forward / E5M2 gradients, unless name
   fp8-first-bf16      the first decoder layer in BF16
   fp8-last-bf16       the last decoder layer in BF16
   fp8-ends2-bf16      the first two and last two decoder layers in BF16
+  fp8-first2-bf16     the first two decoder layers in BF16
+  fp8-e4m3-grads      gradients in E4M3 (3 mantissa bits) instead of E5M2 (2), per-tensor scales
+  fp8-e4m3-grads-first2-bf16   both of the above
 
 Eager TE layers (the graphs run the same kernels), the Llama-2-7B shape, random weights (seed 0),
 the bundled sample text as `te-llama bench --data sample` cuts it, torch's fused AdamW.
@@ -32,9 +35,9 @@ from te_llama.convert import decoder_layers
 from te_llama.presets import preset_config
 
 BF16_LAYERS = {"fp8-ends-bf16": (0, -1), "fp8-first-bf16": (0,), "fp8-last-bf16": (-1,),
-               "fp8-ends2-bf16": (0, 1, -2, -1)}
+               "fp8-ends2-bf16": (0, 1, -2, -1), "fp8-first2-bf16": (0, 1), "fp8-e4m3-grads-first2-bf16": (0, 1)}
 """Decoder layers (indices) each arm runs in BF16 inside the FP8 autocast."""
-ARMS = ("bf16", "fp8", "fp8-exact-fprop", *BF16_LAYERS)
+ARMS = ("bf16", "fp8", "fp8-exact-fprop", "fp8-e4m3-grads", *BF16_LAYERS)
 # An FP8-forward, BF16-backward arm (TE's backward_override="high_precision") is not possible here:
 # TE 2.20 implements that override for Linear and LayerNormLinear but not for LayerNormMLP.
 
@@ -58,6 +61,8 @@ def arm_recipe(arm: str):
 
     if arm == "fp8-exact-fprop":
         return recipe.Float8CurrentScaling(fp8_gemm_fprop=recipe.MMParams(use_split_accumulator=True))
+    if "e4m3-grads" in arm:
+        return recipe.Float8CurrentScaling(fp8_format=recipe.Format.E4M3)
     return recipe.Float8CurrentScaling()
 
 

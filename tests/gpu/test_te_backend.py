@@ -28,8 +28,8 @@ HF_BF16_SLACK = 1.15        # TE BF16 may be at most this much less accurate tha
 FP8_FORWARD_REL_L2 = 0.2
 FP8_FINAL_LOSS_REL = 0.05   # FP8 final loss within 5% of BF16's after the same steps
 FP8_RECIPES = ["fp8", "fp8-delayed", "fp8-current", "fp8-block", "fp8-delayed-fastacc", "fp8-current-fastacc"]
-# Weight gradients with fast vs split FP8 accumulation in the backward GEMMs: the same FP8
-# operands, only the accumulation differs; measured ~1e-3 or less (docs/GPU_CHECKS.md).
+# A weight gradient with fast vs split FP8 accumulation on the same FP8 operands (the first
+# backward GEMM): measured 1.5e-3 (docs/GPU_CHECKS.md).
 FAST_ACCUMULATION_GRAD_REL_L2 = 2e-2
 SEQ_LEN = 200               # not a multiple of 16; past max_position_embeddings of the dynamic-rope config
 DEVICE = "cuda"
@@ -236,7 +236,7 @@ def test_fp8_training_tracks_bf16(precision: str, bf16_losses: list[float], reco
     assert gap <= FP8_FINAL_LOSS_REL
 
 
-def _fp8_step_grads(model, precision: str, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def _step_grads(model, precision: str, ids: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     model.zero_grad(set_to_none=True)
     with te_llama.autocast(precision):
         out = model(ids, labels=ids)
@@ -248,18 +248,27 @@ def _fp8_step_grads(model, precision: str, ids: torch.Tensor) -> tuple[torch.Ten
 def test_fast_accumulation_reaches_only_the_backward_gemms(record_metric) -> None:
     """fp8-current vs fp8-current-fastacc on the same weights and batch: current scaling takes
     its scales from each tensor, so both quantize identically; the forward already accumulates
-    fast in both (same logits, bit for bit), the backward GEMMs differ by accumulation only."""
+    fast in both (same logits, bit for bit), the backward GEMMs differ by accumulation only.
+
+    The last layer's fc2 weight gradient is the first backward GEMM, on identical FP8 operands:
+    there the difference is the accumulation's alone. Earlier layers see gradients that went
+    through fast-accumulated dgrads and were re-quantized to E5M2, so rounding flips compound;
+    that difference must stay below FP8's own difference from BF16."""
     _, _, model, _ = models("llama3.1-gqa-llama3-rope", fuse_qkv=True)
     model.train()
     ids = token_batch(model.config.vocab_size, batch=4, seq=256, seed=3)
-    split_logits, split = _fp8_step_grads(model, "fp8-current", ids)
-    fast_logits, fast = _fp8_step_grads(model, "fp8-current-fastacc", ids)
+    _, bf16 = _step_grads(model, "bf16", ids)
+    split_logits, split = _step_grads(model, "fp8-current", ids)
+    fast_logits, fast = _step_grads(model, "fp8-current-fastacc", ids)
     layer_grads = [n for n in split if ".layers." in n and n.endswith("weight") and split[n].dim() == 2]
-    gaps = {n: rel_l2(fast[n], split[n]) for n in layer_grads}
-    record_metric(max_grad_rel_l2=max(gaps.values()), min_grad_rel_l2=min(gaps.values()), weights=len(gaps))
+    fast_vs_split = {n: rel_l2(fast[n], split[n]) for n in layer_grads}
+    split_vs_bf16 = {n: rel_l2(split[n], bf16[n]) for n in layer_grads}
+    first_gemm = f"model.layers.{model.config.num_hidden_layers - 1}.layernorm_mlp.fc2_weight"
+    record_metric(fast_vs_split=fast_vs_split, split_vs_bf16=split_vs_bf16)
     assert torch.equal(fast_logits, split_logits)
-    assert max(gaps.values()) > 0, "fast accumulation changed no weight gradient: the flag did not reach the GEMMs"
-    assert max(gaps.values()) <= FAST_ACCUMULATION_GRAD_REL_L2
+    assert fast_vs_split[first_gemm] > 0, "fast accumulation changed no weight gradient: the flag did not reach the GEMMs"
+    assert fast_vs_split[first_gemm] <= FAST_ACCUMULATION_GRAD_REL_L2
+    assert all(fast_vs_split[n] <= split_vs_bf16[n] for n in layer_grads), (fast_vs_split, split_vs_bf16)
 
 
 def test_delayed_fast_accumulation_recipe_is_delayed_scaling_and_checkpoints(tmp_path) -> None:
@@ -271,7 +280,7 @@ def test_delayed_fast_accumulation_recipe_is_delayed_scaling_and_checkpoints(tmp
     assert recipe.delayed() and recipe.amax_history_len == 16
     assert not any(g.use_split_accumulator for g in (recipe.fp8_gemm_fprop, recipe.fp8_gemm_dgrad, recipe.fp8_gemm_wgrad))
     _, _, model, _ = models("llama2-mha", fuse_qkv=True)
-    _fp8_step_grads(model.train(), "fp8-delayed-fastacc", token_batch(model.config.vocab_size, seq=64))
+    _step_grads(model.train(), "fp8-delayed-fastacc", token_batch(model.config.vocab_size, seq=64))
     torch.save(model.state_dict(), tmp_path / "state.pt")
     assert (tmp_path / "state.pt").stat().st_size > 0
 
