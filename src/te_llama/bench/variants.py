@@ -69,7 +69,7 @@ def _te_graphs_variants(precision: str) -> list[Variant]:
                       f"{label}, AdamW per layer (Triton kernel) overlapping backward, the first {n} decoder "
                       f"layer{'s' if n > 1 else ''} in BF16", (*needs, "triton"), precision, cuda_graphs=True,
                       overlap_optimizer=True, optimizer_kernel="triton", bf16_first_layers=n)
-              for n in ((1, 2, 4) if precision != "bf16" else ())]]
+              for n in ((1, 2, 4, 6, 8) if precision != "bf16" else ())]]
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
