@@ -100,6 +100,15 @@ def test_sample_data_batches_are_the_bundled_text_and_train() -> None:
         token_batches(BenchSettings(data="zeros"), 512, torch.device("cpu"))
 
 
+def test_fused_loss_variant_trains_like_hf_loss() -> None:
+    from te_llama.bench.measure import measure
+
+    settings = BenchSettings(preset="tiny-llama", batch=2, seq=32, steps=4, warmup=1)
+    want, got = measure("reference", settings), measure("reference-fusedce", settings)
+    assert len(got.losses) == len(want.losses) == 5
+    torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(want.losses), atol=1e-4, rtol=0)
+
+
 def test_learning_rate_setting_reaches_the_optimizer_and_the_report_title() -> None:
     from te_llama.bench.measure import make_optimizer
 

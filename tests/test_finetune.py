@@ -315,3 +315,27 @@ def test_bf16_layer_counts_are_checked_before_the_run_starts(tmp_path) -> None:
         run(tmp_path, bf16_first_layers=99)
     assert not (tmp_path / "run").exists()
     assert run(tmp_path, "ok", bf16_first_layers=1, bf16_last_layers=1, max_steps=2).steps == 2  # inert in fp32
+
+
+def test_fused_loss_trains_like_transformers_loss(tmp_path, caplog) -> None:
+    """The default step computes the loss with te_llama.fused_loss; --no-fused-loss gives HF's, same losses."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="te_llama")
+    fused = run(tmp_path, "fused", max_steps=4, save_every=0)
+    assert "fused loss off" not in caplog.text
+    plain = run(tmp_path, "plain", max_steps=4, save_every=0, fused_loss=False)
+    assert "fused loss off: --no-fused-loss" in caplog.text
+    want, got = train_losses(plain.output_dir), train_losses(fused.output_dir)
+    assert got == pytest.approx(want, rel=1e-5)
+
+
+def test_fused_loss_is_off_where_the_model_forward_must_run() -> None:
+    from te_llama.finetune import Runtime, fused_loss_off_reason
+
+    runtime = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
+    assert fused_loss_off_reason(resolve_config(), runtime, 1) is None
+    assert "several processes" in fused_loss_off_reason(resolve_config(), runtime, 2)
+    assert "several processes" in fused_loss_off_reason(resolve_config(parallel="fsdp2"), runtime, 1)
+    baseline = Runtime(torch.device("cuda"), "hf", "bf16", torch.bfloat16)
+    assert "baseline" in fused_loss_off_reason(resolve_config(), baseline, 1)

@@ -43,6 +43,7 @@ from .cuda_graphs import (
 from .data import DataError, DataReport, load_examples, split_eval
 from .errors import TeLlamaError
 from .finetune_config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
+from .fused_loss import causal_lm_loss
 from .layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
 from .metrics import MetricsLog, plot_metrics, read_metrics
 from .parallel import (
@@ -247,6 +248,18 @@ def graphs_off_reason(config: FinetuneConfig, runtime: Runtime, model, world: in
     return graphs_unsupported_reason(model)
 
 
+def fused_loss_off_reason(config: FinetuneConfig, runtime: Runtime, world: int) -> str | None:
+    """Why the training step keeps transformers' loss, or None. The fused loss calls the decoder
+    and lm_head directly, past the model's forward, which DDP and FSDP2 need to run."""
+    if not config.fused_loss:
+        return "--no-fused-loss"
+    if runtime.backend == "hf":
+        return "backend 'hf' is the baseline as transformers runs it"
+    if world > 1 or config.parallel == "fsdp2":
+        return "several processes (DDP / FSDP2 act in the model's forward)"
+    return None
+
+
 def overlap_off_reason(config: FinetuneConfig, runtime: Runtime, world: int) -> str | None:
     """Why LayerwiseAdamW would not be exactly AdamW after backward here, or None. (On a CPU it
     runs each layer's update inline: the same math, nothing gained, nothing lost.)"""
@@ -432,6 +445,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         hand_fp8_casts(config, accelerator.unwrap_model(model), getattr(optimizer, "optimizer", optimizer),
                        overlap_off)
     _log_start(config, runtime, report, len(train_set), steps, position)
+    fused_off = fused_loss_off_reason(config, runtime, world)
+    if fused_off:
+        logger.info("fused loss off: %s", fused_off)
+    raw_model = accelerator.unwrap_model(model)
+    step_loss = (lambda inputs: model(**inputs).loss) if fused_off else (lambda inputs: causal_lm_loss(raw_model, **inputs))
 
     # ---- train
     stop_at = min(steps, position.step + config.stop_after_steps) if config.stop_after_steps else steps
@@ -444,7 +462,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
             batch = train.next(position, rank, world)
             inputs = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
             with autocast(runtime.precision):
-                loss = model(**inputs).loss
+                loss = step_loss(inputs)
             accelerator.backward(loss / config.grad_accum)
             loss_sum += loss.detach()
             real, padded = real + batch.real_tokens, padded + batch.padded_tokens

@@ -66,6 +66,8 @@ class FinetuneConfig:
     """Update each decoder layer during backward on a second CUDA stream (LayerwiseAdamW), overlapping AdamW with the backward's GEMMs; with CUDA graphs the layers' weight gradients then share two buffers. Only where that equals AdamW after backward: grad_accum 1, max_grad_norm 0, one process, no activation checkpointing (otherwise plain AdamW, logged)."""
     fp8_weight_cache: bool = False
     """FP8 with CUDA graphs and the overlapped optimizer: cast each layer's weights to FP8 right after its update, on the optimizer's stream, instead of in the next forward (te_llama.fp8_weight_cache). Same training; measured no faster on a 7B (docs/SPEED_NOTES.md, change 8), so off by default."""
+    fused_loss: bool = True
+    """Compute the loss with te_llama.fused_loss: the lm_head GEMM and cross-entropy without FP32 logits (less memory, fewer passes over a 32k-128k vocabulary). Backends te and reference, one process; otherwise transformers' own loss (logged)."""
     bf16_first_layers: int = 0
     """FP8 precisions: run this many first decoder layers in BF16 (most of FP8's slower learning comes from them: docs/SPEED_NOTES.md, change 10)."""
     bf16_last_layers: int = 0

@@ -19,6 +19,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import AutoModelForCausalLM
 
+from ..fused_loss import causal_lm_loss
 from ..layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
 from ..precision import autocast
 from ..presets import preset_config
@@ -184,7 +185,8 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
         else:
             t0 = time.perf_counter()
         with autocast(variant.precision):
-            loss = model(input_ids=ids, labels=ids, **extra).loss
+            loss = causal_lm_loss(model, ids, input_ids=ids, **extra) if variant.fused_loss else \
+                model(input_ids=ids, labels=ids, **extra).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

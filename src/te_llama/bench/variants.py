@@ -36,6 +36,8 @@ class Variant:
     """FP8 graphs: LayerwiseAdamW casts each layer's FP8 weights after its update, not the forward."""
     bf16_first_layers: int = 0
     """FP8: this many first decoder layers run in BF16 (`te_llama.keep_layers_in_bf16`)."""
+    fused_loss: bool = False
+    """The loss through `te_llama.fused_loss` (lm_head + cross-entropy without FP32 logits), not HF's."""
 
 
 def _te_variant(precision: str) -> Variant:
@@ -69,7 +71,11 @@ def _te_graphs_variants(precision: str) -> list[Variant]:
                       f"{label}, AdamW per layer (Triton kernel) overlapping backward, the first {n} decoder "
                       f"layer{'s' if n > 1 else ''} in BF16", (*needs, "triton"), precision, cuda_graphs=True,
                       overlap_optimizer=True, optimizer_kernel="triton", bf16_first_layers=n)
-              for n in ((1, 2, 4, 6, 8) if precision != "bf16" else ())]]
+              for n in ((1, 2, 4, 6, 8) if precision != "bf16" else ())],
+            Variant(f"te-{precision}-graphs-overlap-triton-fusedce", f"te-llama TE layers as CUDA graphs, {label}, "
+                    "AdamW per layer (Triton kernel) overlapping backward, lm_head + cross-entropy fused "
+                    "(te_llama.fused_loss)", (*needs, "triton"), precision, cuda_graphs=True, overlap_optimizer=True,
+                    optimizer_kernel="triton", fused_loss=True)]
 
 
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
@@ -83,6 +89,8 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     *[_te_variant(p) for p in FP8_PRECISIONS],
     *[v for p in ("bf16", *FP8_PRECISIONS) for v in _te_graphs_variants(p)],
     Variant("reference", "te-llama reference layers (pure PyTorch), float32 on CPU", (), "fp32"),
+    Variant("reference-fusedce", "te-llama reference layers, float32 on CPU, loss through te_llama.fused_loss",
+            (), "fp32", fused_loss=True),
     Variant("hf-cpu", "transformers as is, float32 on CPU (harness checks)", (), "fp32"),
 ]}
 DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-bf16", "te-fp8",
@@ -139,6 +147,7 @@ def prepare(variant: Variant, model) -> torch.nn.Module:
         "hf": lambda m: m, "hf-cpu": lambda m: m, "hf-compile": torch.compile,
         "hf-liger": _apply_liger, "hf-torchao-fp8": _apply_torchao_fp8,
         "reference": lambda m: convert(m, backend="reference", fuse_qkv=True),
+        "reference-fusedce": lambda m: convert(m, backend="reference", fuse_qkv=True),
     }
     if variant.name.startswith("te-"):
         model = convert(model, backend="te", fuse_qkv=True)
