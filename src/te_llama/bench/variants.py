@@ -95,7 +95,9 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
 ]}
 DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-bf16", "te-fp8",
                     "te-bf16-graphs-overlap-triton", "te-fp8-graphs-overlap-triton",
-                    "te-fp8-delayed-graphs-overlap-triton")
+                    "te-fp8-graphs-overlap-triton-bf16first6", "te-fp8-delayed-fastacc-graphs-overlap-triton-fusedce")
+"""The peers, te-llama eager, the finetune default (BF16 graphs), FP8 that tracks BF16 within 5%
+(block scaling, first 6 layers BF16) and the fastest configuration (docs/BENCHMARKS.md)."""
 
 
 def unavailable_reason(variant: Variant) -> str | None:
