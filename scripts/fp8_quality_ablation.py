@@ -15,7 +15,10 @@ Arms (all per-tensor current scaling, E4M3 forward / E5M2 gradients, unless name
   fp8-e4m3-grads      gradients in E4M3 (3 mantissa bits) instead of E5M2 (2), per-tensor scales
   fp8-e4m3-grads-first2-bf16   both of the above
 
-Eager TE layers (the graphs run the same kernels), the Llama-2-7B shape, random weights (seed 0),
+Eager TE layers (the graphs run the same kernels). The BF16 layers of the sixth session's runs
+(`docs/bench/session6/fp8-ablation-3.txt`) and earlier were wrapped in `te.autocast(enabled=False)`
+by a local wrapper; they now use `te_llama.keep_layers_in_bf16`, which does the same inside the
+layer (GPU-tested to give BF16's output exactly); this form has not been rerun on the GPU, the Llama-2-7B shape, random weights (seed 0),
 the bundled sample text as `te-llama bench --data sample` cuts it, torch's fused AdamW.
 """
 
@@ -31,29 +34,15 @@ from transformers import AutoModelForCausalLM
 
 import te_llama
 from te_llama.bench.measure import BenchSettings, token_batches
-from te_llama.convert import decoder_layers
 from te_llama.presets import preset_config
 
-BF16_LAYERS = {"fp8-ends-bf16": (0, -1), "fp8-first-bf16": (0,), "fp8-last-bf16": (-1,),
-               "fp8-ends2-bf16": (0, 1, -2, -1), "fp8-first2-bf16": (0, 1), "fp8-e4m3-grads-first2-bf16": (0, 1)}
-"""Decoder layers (indices) each arm runs in BF16 inside the FP8 autocast."""
+BF16_LAYERS = {"fp8-ends-bf16": (1, 1), "fp8-first-bf16": (1, 0), "fp8-last-bf16": (0, 1),
+               "fp8-ends2-bf16": (2, 2), "fp8-first2-bf16": (2, 0), "fp8-e4m3-grads-first2-bf16": (2, 0)}
+"""How many first and last decoder layers each arm runs in BF16 inside the FP8 autocast
+(`te_llama.keep_layers_in_bf16`, what `te-llama finetune --bf16-first-layers` uses)."""
 ARMS = ("bf16", "fp8", "fp8-exact-fprop", "fp8-e4m3-grads", *BF16_LAYERS)
 # An FP8-forward, BF16-backward arm (TE's backward_override="high_precision") is not possible here:
 # TE 2.20 implements that override for Linear and LayerNormLinear but not for LayerNormMLP.
-
-
-class HighPrecisionLayer(torch.nn.Module):
-    """Runs one decoder layer with TE's FP8 turned off, inside an FP8 autocast."""
-
-    def __init__(self, layer: torch.nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, *args, **kwargs):
-        import transformer_engine.pytorch as te
-
-        with te.autocast(enabled=False):
-            return self.layer(*args, **kwargs)
 
 
 def arm_recipe(arm: str):
@@ -80,9 +69,7 @@ def arm_autocast(arm: str):
 
 def train(arm: str, base: torch.nn.Module, batches: list[torch.Tensor], steps: int, lr: float) -> list[float]:
     model = te_llama.convert(copy.deepcopy(base).cuda(), backend="te", fuse_qkv=True).train()
-    layers = decoder_layers(model)
-    for i in BF16_LAYERS.get(arm, ()):
-        layers[i] = HighPrecisionLayer(layers[i])
+    te_llama.keep_layers_in_bf16(model, *BF16_LAYERS.get(arm, (0, 0)))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
     losses = []
     for step in range(steps):

@@ -15,11 +15,12 @@ PyTorch (the CPU tests check both paths against HF's loss and gradients).
 from __future__ import annotations
 
 import functools
-import importlib.util
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .triton_adamw import available as triton_available
 
 IGNORE_INDEX = -100
 BLOCK = 4096
@@ -75,7 +76,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
 def loss_and_grad_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-row loss (FP32, 0 where ignored); overwrites `logits` with softmax(logits) - onehot(target)
     (0 on ignored rows)."""
-    if logits.is_cuda and importlib.util.find_spec("triton") is not None:
+    if triton_available(logits.device):
         return _rows_triton(logits, targets)
     return _rows_torch(logits, targets)
 

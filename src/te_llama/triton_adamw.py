@@ -20,8 +20,14 @@ import torch
 BLOCK = 4096
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def available(device: torch.device) -> bool:
-    return device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    """Whether Triton kernels can run on `device` (cheap: asked every training step)."""
+    return device.type == "cuda" and _triton_installed()
 
 
 @functools.cache
