@@ -36,17 +36,18 @@ def categorize(name: str) -> str:
     return next((cat for cat, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
 
 
-def phase_times(model, opt, ids, extra: dict, precision: str, steps: int) -> dict[str, float]:
+def phase_times(model, opt, ids, extra: dict, variant, steps: int) -> dict[str, float]:
     """Median ms of forward, backward and optimizer.step() on the main stream (CUDA events, no
     profiler): with the overlapped optimizer, what its side stream adds to the backward shows here."""
+    from te_llama.bench.measure import training_loss
     from te_llama.precision import autocast
 
     samples: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
     for _ in range(steps):
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
         marks[0].record()
-        with autocast(precision):
-            loss = model(input_ids=ids, labels=ids, **extra).loss
+        with autocast(variant.precision):
+            loss = training_loss(model, variant, ids, extra)
         marks[1].record()
         loss.backward()
         marks[2].record()
@@ -63,7 +64,12 @@ def profile(variant: str, preset: str, batch: int, seq: int, steps: int) -> dict
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from te_llama.bench.measure import BenchSettings, build_model, make_optimizer
+    from te_llama.bench.measure import (
+        BenchSettings,
+        build_model,
+        make_optimizer,
+        training_loss,
+    )
     from te_llama.bench.variants import VARIANTS
     from te_llama.precision import autocast
 
@@ -75,7 +81,7 @@ def profile(variant: str, preset: str, batch: int, seq: int, steps: int) -> dict
 
     def step():
         with autocast(v.precision):
-            loss = model(input_ids=ids, labels=ids, **extra).loss
+            loss = training_loss(model, v, ids, extra)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -83,7 +89,7 @@ def profile(variant: str, preset: str, batch: int, seq: int, steps: int) -> dict
     for _ in range(4):
         step()
     torch.cuda.synchronize()
-    phases = phase_times(model, opt, ids, extra, v.precision, steps=10)
+    phases = phase_times(model, opt, ids, extra, v, steps=10)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start.record()
@@ -122,7 +128,7 @@ def main() -> None:
     for variant in args.variant:
         proc = subprocess.run([sys.executable, __file__, "--one", variant, "--preset", args.preset, "--batch",
                                str(args.batch), "--seq", str(args.seq), "--steps", str(args.steps)],
-                              capture_output=True, text=True)
+                              check=False, capture_output=True, text=True)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if not lines:
             print(variant, "FAILED", proc.stderr[-1500:])
@@ -132,7 +138,7 @@ def main() -> None:
         print("   phases (median ms, no profiler): " + ", ".join(f"{k} {ms:.1f}" for k, ms in r["phases"].items()))
         for cat, ms in r["categories"].items():
             print(f"   {cat:<14} {ms:7.1f} ms")
-        for name, ms in r["top"][:12]:
+        for name, ms in r["top"][:20]:
             print(f"   {ms:7.2f}  {name}")
 
 

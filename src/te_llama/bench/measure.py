@@ -161,6 +161,13 @@ def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool, lr: fl
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=fused)
 
 
+def training_loss(model: torch.nn.Module, variant: Variant, ids: torch.Tensor, extra: dict) -> torch.Tensor:
+    """The variant's loss on `ids` (its own labels): te_llama's fused loss or the model's own."""
+    if variant.fused_loss:
+        return causal_lm_loss(model, ids, input_ids=ids, **extra)
+    return model(input_ids=ids, labels=ids, **extra).loss
+
+
 def last_pass_mean(losses: list[float], distinct_batches: int) -> float | None:
     """The mean of the last `distinct_batches` losses (None when fewer steps ran)."""
     if len(losses) < distinct_batches:
@@ -185,8 +192,7 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
         else:
             t0 = time.perf_counter()
         with autocast(variant.precision):
-            loss = causal_lm_loss(model, ids, input_ids=ids, **extra) if variant.fused_loss else \
-                model(input_ids=ids, labels=ids, **extra).loss
+            loss = training_loss(model, variant, ids, extra)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
