@@ -32,6 +32,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from optimizer_bench import copy_bandwidth
 
 E4M3, E5M2 = torch.float8_e4m3fn, torch.float8_e5m2
 
@@ -96,14 +97,6 @@ def attention_ms(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int)
     return median_ms(step)
 
 
-def copy_bandwidth_gbs() -> float:
-    """Read + write bytes per second of a large device copy (what memory-bound kernels can reach)."""
-    src = torch.randn(2**30 // 2, device="cuda", dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    ms = median_ms(lambda: dst.copy_(src))
-    return 2 * src.numel() * src.element_size() / (ms / 1000) / 1e9
-
-
 def pieces_alone(preset: str, batch: int, seq: int) -> dict:
     from te_llama.presets import preset_config
 
@@ -118,7 +111,7 @@ def pieces_alone(preset: str, batch: int, seq: int) -> dict:
     per_layer = {name: linear_gemms_ms(tokens, k, n) for name, (k, n) in linears.items()}
     layer_params = sum(k * n for k, n in linears.values()) + 2 * hidden
     all_params = layers * layer_params + 2 * vocab * hidden + hidden
-    bandwidth = copy_bandwidth_gbs()
+    bandwidth = copy_bandwidth()  # GB/s, read + write (scripts/optimizer_bench.py)
     pieces = {
         "decoder GEMMs, FP8 (x layers)": layers * sum(sum(g.values()) for g in per_layer.values()),
         "lm_head GEMMs, BF16": bf16_gemm_ms(tokens, vocab, hidden) + bf16_gemm_ms(tokens, hidden, vocab)
