@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -27,6 +30,44 @@ def random_hf_model(name: str, seed: int = 0, dtype: torch.dtype = torch.float32
             if param.dim() == 1:  # norm weights (ones) and biases (zeros) by default
                 param.copy_(1.0 + 0.2 * torch.randn_like(param) if "norm" in name_ else 0.1 * torch.randn_like(param))
     return model.eval()
+
+
+def float64_oracle(model):
+    """A float64 copy of an HF model that rounds nowhere to float32.
+
+    `.double()` alone is not enough: HF's RMSNorm and rotary embedding compute in float32 whatever
+    the model's dtype. On this copy only, they compute in float64 (the rotary inverse frequencies
+    stay HF's float32 values: they are constants of the model, shared by every implementation).
+    Compute its loss with `next_token_loss`: HF's loss upcasts logits "to float", i.e. float32.
+    """
+    oracle = copy.deepcopy(model).double()
+    for module in oracle.modules():
+        if type(module).__name__.endswith("RMSNorm"):
+            module.forward = types.MethodType(_rms_norm_float64, module)
+    rotary = oracle.model.rotary_emb
+    rotary.forward = types.MethodType(_rotary_float64(rotary.forward), rotary)
+    return oracle
+
+
+def _rms_norm_float64(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _rotary_float64(hf_forward):
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hf_forward(x, position_ids)  # HF's own inv_freq update (dynamic rope); its float32 cos/sin are dropped
+        freqs = position_ids[..., None].double() * self.inv_freq.double()  # (b, s, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * self.attention_scaling).to(x.dtype), (emb.sin() * self.attention_scaling).to(x.dtype)
+
+    return forward
+
+
+def next_token_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """HF's causal-LM loss for these `labels` (mean cross-entropy of the shifted tokens, -100 ignored),
+    computed in the logits' dtype."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
 
 
 @pytest.fixture(params=sorted(ARCHITECTURES))

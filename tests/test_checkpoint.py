@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import os
+import pathlib
 
 import pytest
 import safetensors.torch
@@ -14,6 +17,8 @@ from transformers import AutoModelForCausalLM
 import te_llama
 from te_llama import CheckpointError, UnsupportedArchitectureError, WeightMappingError
 from te_llama import checkpoint as checkpoint_module
+from te_llama.builtin import builtin_tokenizer
+from te_llama.errors import DiskFullError
 
 MAX_RELATIVE_ERROR = 1e-5
 SMALL_SHARD_BYTES = 40_000  # forces several shards on the tiny models
@@ -145,3 +150,47 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch) -> None
 def test_save_requires_a_converted_model(tmp_path) -> None:
     with pytest.raises(ValueError, match="not converted"):
         te_llama.save_pretrained(random_hf_model("llama2-mha"), tmp_path / "x")
+
+
+@pytest.mark.parametrize("damage", ["cut-in-half", "garbage"])
+def test_a_truncated_or_corrupt_shard_is_named_before_loading(tmp_path, damage) -> None:
+    random_hf_model("mistral-gqa").save_pretrained(tmp_path, max_shard_size=SMALL_SHARD_BYTES)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[:len(data) // 2] if damage == "cut-in-half" else os.urandom(len(data)))
+    with pytest.raises(CheckpointError, match=f"{shard} is truncated or corrupt .*download or save it again"):
+        te_llama.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_export_follows_the_umask(tmp_path, umask) -> None:
+    converted = te_llama.convert(random_hf_model("llama2-mha"), backend="reference")
+    before = os.umask(umask)
+    try:
+        te_llama.save_pretrained(converted, tmp_path / "final", max_shard_bytes=SMALL_SHARD_BYTES,
+                                 tokenizer=builtin_tokenizer())
+    finally:
+        os.umask(before)
+    files = list((tmp_path / "final").iterdir())
+    assert (tmp_path / "final").stat().st_mode & 0o777 == 0o777 & ~umask
+    assert {f.name: f.stat().st_mode & 0o777 for f in files} == {f.name: 0o666 & ~umask for f in files}
+
+
+def test_export_on_a_full_disk(tmp_path, monkeypatch) -> None:
+    converted = te_llama.convert(random_hf_model("llama2-mha"), backend="reference")
+    te_llama.save_pretrained(converted, tmp_path / "final")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "final").iterdir()}
+
+    def no_space(tensors, file, metadata=None):
+        pathlib.Path(file).write_bytes(b"partial")
+        raise OSError(errno.EDQUOT, "Disk quota exceeded")
+
+    monkeypatch.setattr(checkpoint_module, "save_file", no_space)
+    with pytest.raises(DiskFullError) as caught:
+        te_llama.save_pretrained(converted, tmp_path / "final")
+    assert caught.value.errno == errno.EDQUOT and isinstance(caught.value, OSError)
+    assert str(caught.value).startswith(f"the disk is full: writing the HF export {tmp_path / 'final'} into {tmp_path} "
+                                        f"failed ({os.strerror(errno.EDQUOT)}; ")
+    assert f"The export already at {tmp_path / 'final'} is intact. The partial copy was removed." in str(caught.value)
+    assert [p.name for p in tmp_path.iterdir()] == ["final"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "final").iterdir()} == before

@@ -15,12 +15,14 @@ import te_llama
 from te_llama.batching import collate_packed, collate_padded
 from te_llama.builtin import SAMPLE_CHAT, asset_path, builtin_model, builtin_tokenizer
 from te_llama.cli import main as cli_main
-from te_llama.finetune import RunDirectoryError, finetune
+from te_llama.finetune import finetune
 from te_llama.finetune_config import resolve_config
 from te_llama.metrics import read_metrics
+from te_llama.run_dir import RunDirectoryError
 from te_llama.training_state import checkpoints
 
 LOSS_RTOL = 1e-5  # packing vs padding: the same math up to summation order
+EXPORT_LOGITS_REL = 1e-5  # the export in vanilla HF vs te-llama's reference layers (FP32, relative to the max)
 
 
 def run(tmp_path, name: str = "run", **overrides):
@@ -45,7 +47,8 @@ def test_default_job_learns_and_exports_a_vanilla_hf_model(tmp_path) -> None:
     trained = te_llama.from_pretrained(result.exported, backend="reference")
     ids = torch.randint(0, vanilla.config.vocab_size, (2, 20))
     with torch.no_grad():
-        assert float((vanilla(ids).logits - trained(ids).logits).abs().max()) < 1e-4
+        want, got = vanilla(ids).logits, trained(ids).logits
+        assert float((got - want).abs().max() / want.abs().max()) <= EXPORT_LOGITS_REL
     assert (result.exported / "tokenizer.json").is_file()
 
 
@@ -301,8 +304,8 @@ def test_optimizer_kernel_choice_and_errors(tmp_path) -> None:
 
     cpu = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
     assert optimizer_kernel(resolve_config(), cpu) == "torch"  # auto: Triton's needs CUDA
-    with pytest.raises(ValueError, match="unknown"):
-        optimizer_kernel(resolve_config(optimizer_kernel="apex"), cpu)
+    with pytest.raises(ValueError, match="'apex' is not one of: auto, torch, triton"):
+        resolve_config(optimizer_kernel="apex")
     with pytest.raises(ValueError, match="FSDP2"):
         optimizer_kernel(resolve_config(optimizer_kernel="triton", parallel="fsdp2"), cpu)
     with pytest.raises(ValueError, match="needs a CUDA GPU and Triton"):

@@ -5,33 +5,40 @@ on the target device, then reads safetensors one tensor at a time and converts e
 layer as soon as it is complete: no full copy of the model exists on the host.
 `save_pretrained` writes plain HF layout (config + safetensors, sharded above a size) into
 a temporary directory and renames it into place, so a crash never leaves a half checkpoint.
+The staging helpers here serve the training checkpoints too: what they write gets the
+permissions the user's umask gives, and a full disk is reported as such with the staging removed.
 """
 
 from __future__ import annotations
 
 import copy
+import errno
 import json
+import logging
 import os
 import shutil
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from .convert import conversion_of, decoder_layers, install_layers, load_layer_weights
-from .errors import CheckpointError, WeightMappingError
+from .errors import CheckpointError, DiskFullError, WeightMappingError
 from .mapping import LAYER_PREFIX, split_layer_key, stream_hf_to_te, te_layer_to_hf
 from .spec import ArchitectureSpec
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 1024**3
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+logger = logging.getLogger(__name__)
 
 
 def checkpoint_files(path: Path) -> list[Path]:
@@ -50,15 +57,26 @@ def checkpoint_files(path: Path) -> list[Path]:
         absent = [f.name for f in files if not f.is_file()]
         if absent:
             raise CheckpointError(f"{path}: shards named in {INDEX_FILE} are missing: {absent}")
-        return files
+        return [_check_safetensors(file) for file in files]
     if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
+        return [_check_safetensors(path / SINGLE_FILE)]
     if any(path.glob("*.bin")):
         raise CheckpointError(
             f"{path} holds PyTorch .bin weights only; re-save it as safetensors "
             "(transformers: model.save_pretrained(dir, safe_serialization=True))"
         )
     raise CheckpointError(f"{path} has config.json but no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def _check_safetensors(file: Path) -> Path:
+    """Reads the header only: safetensors checks it parses and that the file is exactly as long
+    as its tensors, so a cut-off download or a half-copied shard is named before any loading."""
+    try:
+        with safe_open(str(file), framework="pt", device="cpu"):
+            pass
+    except SafetensorError as exc:
+        raise CheckpointError(f"{file} is truncated or corrupt ({exc}); download or save it again") from exc
+    return file
 
 
 def _read_tensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor]]:
@@ -175,9 +193,9 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: 
     `state_dict` (full, TE layout) overrides the model's own tensors, for sharded models.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    staging = make_staging_dir(path.parent, f".{path.name}.tmp-")
+    kept = f"The export already at {path} is intact." if path.exists() else f"Nothing was written to {path}."
+    with removed_on_failure(staging, f"the HF export {path}", kept):
         weight_map, total_bytes, dtype = _write_shards(model, staging, max_shard_bytes, state_dict)
         _export_config(model, dtype).save_pretrained(staging)
         generation_config = getattr(model, "generation_config", None)
@@ -190,10 +208,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, max_shard_bytes: 
         if len(set(weight_map.values())) > 1:
             index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
             (staging / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
+        follow_umask(staging)
         replace_directory(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return path
 
 
@@ -238,3 +254,61 @@ def replace_directory(staging: Path, target: Path) -> None:
     staging.rename(target)
     if backup is not None:
         shutil.rmtree(backup, ignore_errors=True)
+
+
+def sweep_interrupted_save(path: Path) -> None:
+    """Clean up after a `save_pretrained(..., path)` that was killed: remove its staging
+    (`.NAME.tmp-*`) and the previous copy it was replacing (`.NAME.old-*`). Killed between the
+    two renames of `replace_directory`, `path` is missing and the old copy is the only complete
+    one: it is put back instead. Nothing but those names is ever touched."""
+    old = sorted(p for p in path.parent.glob(f".{path.name}.old-*") if p.is_dir())
+    if old and not path.exists():
+        logger.warning("restoring %s from %s (a save was interrupted while replacing it)", path, old[-1])
+        old.pop().rename(path)
+    for leftover in [*path.parent.glob(f".{path.name}.tmp-*"), *old]:
+        if leftover.is_dir() and not leftover.is_symlink():
+            logger.warning("removing %s (left by an interrupted save of %s)", leftover, path)
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def make_staging_dir(parent: Path, prefix: str) -> Path:
+    """A new empty directory `parent/PREFIX<random>` to write into before renaming it into place."""
+    parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def follow_umask(folder: Path) -> None:
+    """Give `folder` and everything in it the permissions the user's umask gives new files
+    (mkdtemp makes 0700 folders and some writers 0600 files: others in the group could not read
+    a finished export or checkpoint)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    for entry in [folder, *folder.rglob("*")]:
+        if not entry.is_symlink():
+            entry.chmod((0o777 if entry.is_dir() else 0o666) & ~umask)
+
+
+@contextmanager
+def removed_on_failure(staging: Path, what: str, kept: str) -> Iterator[None]:
+    """Remove `staging` if the block fails; a full disk becomes a DiskFullError saying so.
+    what: what was being written ("checkpoint step-00000008"); kept: what is still intact."""
+    try:
+        yield
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL_ERRNOS:
+            raise disk_full(exc, staging.parent, what, kept) from exc
+        raise
+
+
+def disk_full(exc: OSError, folder: Path, what: str, kept: str) -> DiskFullError:
+    """The error for a write into `folder` that failed with ENOSPC or EDQUOT."""
+    try:
+        free = f"{shutil.disk_usage(folder).free / 2**30:.2f} GiB free there now"
+    except OSError:
+        free = "its free space could not be read"
+    return DiskFullError(exc.errno, f"the disk is full: writing {what} into {folder} failed "
+                                    f"({os.strerror(exc.errno)}; {free}). {kept} The partial copy was removed. "
+                                    "Free some space, keep fewer checkpoints (--keep-last 1) or write to "
+                                    "another --output-dir, then run again (--resume continues from the last "
+                                    "checkpoint).")

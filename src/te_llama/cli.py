@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 import ast
+import errno
 import inspect
 import math
 import textwrap
 import sys
 from dataclasses import fields
-from typing import get_type_hints
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 
 from .errors import TeLlamaError
+from .faults import TrainingInterrupted
 from .finetune_config import FinetuneConfig
 
 
@@ -88,7 +90,10 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if kind is bool:
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
             continue
-        base = next((t for t in (int, float, str) if t == kind or t in getattr(kind, "__args__", ())), str)
+        if get_origin(kind) is Literal:
+            parser.add_argument(flag, choices=get_args(kind), default=None, help=help_text)
+            continue
+        base = next((t for t in (int, float, str) if t == kind or t in get_args(kind)), str)
         parser.add_argument(flag, type=base, default=None, metavar=field.name.upper(), help=help_text)
 
 
@@ -133,11 +138,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Errors a user can act on print one message, no traceback: exit 2; a signal: 128 + its number."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"te-llama: {exc}", file=sys.stderr)
+        return exc.exit_code
     except (TeLlamaError, FileNotFoundError, ValueError) as exc:
         print(f"te-llama: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("te-llama: interrupted (checkpoints and exports are written atomically: none is half-written)",
+              file=sys.stderr)
+        return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = exc.filename or "the output folder"
+        print(f"te-llama: error: the disk is full (or over quota) writing {where}; free space or choose "
+              "another --output-dir / --cache-dir", file=sys.stderr)
         return 2
 
 

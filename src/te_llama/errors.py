@@ -17,7 +17,15 @@ class WeightMappingError(TeLlamaError, KeyError):
 
 
 class CheckpointError(TeLlamaError, ValueError):
-    """A path is not a usable HF checkpoint directory."""
+    """A path is not a usable HF checkpoint directory, or a training checkpoint cannot be resumed."""
+
+
+class DiskFullError(TeLlamaError, OSError):
+    """The disk filled up (ENOSPC, EDQUOT) while writing a checkpoint or an export: the folder,
+    its free space, what is still intact and the fix are given. `errno` is the original one."""
+
+    def __str__(self) -> str:  # OSError would prefix "[Errno 28]"; keep the message readable
+        return str(self.strerror)
 
 
 class BackendUnavailableError(TeLlamaError, RuntimeError):

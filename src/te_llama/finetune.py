@@ -9,16 +9,15 @@ from __future__ import annotations
 import json
 import logging
 import math
-import shutil
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
-from transformers import AutoModelForCausalLM, AutoTokenizer, get_scheduler
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
 from . import triton_adamw
 from .batching import (
@@ -40,14 +39,14 @@ from .cuda_graphs import (
     installed_graphs,
     release_cuda_graphs,
 )
-from .data import DataError, DataReport, load_examples, split_eval
-from .errors import TeLlamaError
-from .finetune_config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
+from .data import DataError, DataReport, data_fingerprint, load_examples, split_eval
+from .faults import StopRequests, TrainingInterrupted, out_of_memory, signal_name
+from .finetune_config import ConfigError, FinetuneConfig
 from .fused_loss import causal_lm_loss
 from .layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
 from .metrics import MetricsLog, plot_metrics, read_metrics
+from .model_source import resolve_model
 from .parallel import (
-    PARALLEL_MODES,
     full_state_dict,
     grad_norm_value,
     load_sharded_checkpoint,
@@ -57,10 +56,16 @@ from .parallel import (
 )
 from .precision import (
     FP8_PRECISIONS,
-    PRECISIONS,
     autocast,
     check_precision_available,
     keep_layers_in_bf16,
+)
+from .presets import preset_config
+from .run_dir import (
+    check_output_dir,
+    check_resume_fingerprint,
+    prepare_output_dir,
+    resume_command,
 )
 from .training_state import (
     Position,
@@ -68,15 +73,10 @@ from .training_state import (
     load_checkpoint,
     save_checkpoint,
     sweep_incomplete,
+    sweep_interrupted_exports,
 )
 
 logger = logging.getLogger(__name__)
-RUN_CONFIG = "run_config.json"
-
-
-class RunDirectoryError(TeLlamaError, ValueError):
-    """The output directory conflicts with what was asked (another run there, nothing to resume)."""
-
 
 @dataclass
 class FinetuneResult:
@@ -106,72 +106,47 @@ def _te_importable() -> bool:
     return True
 
 
-BACKEND_CHOICES = ("auto", "te", "reference", "hf")
-
-
 def resolve_runtime(config: FinetuneConfig) -> Runtime:
+    """'auto' resolved for this machine; combinations that cannot run here refused with the fix."""
     cuda = torch.cuda.is_available()
-    if config.backend not in BACKEND_CHOICES:
-        raise ValueError(f"backend={config.backend!r} is unknown; choose one of {BACKEND_CHOICES}")
     backend = config.backend if config.backend != "auto" else ("te" if cuda and _te_importable() else "reference")
     precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision={precision!r} is unknown; choose one of {PRECISIONS}")
     if precision in FP8_PRECISIONS and backend != "te":
-        raise ValueError(f"precision={precision!r} needs backend='te' (FP8 GEMMs are Transformer Engine's)")
+        raise ConfigError(f"--precision {precision} needs --backend te (FP8 GEMMs are Transformer Engine's)")
     check_precision_available(precision)
     dtype_name = config.param_dtype if config.param_dtype != "auto" else ("bfloat16" if cuda else "float32")
-    if dtype_name not in ("float32", "bfloat16"):
-        raise ValueError(f"param_dtype={dtype_name!r}: choose float32 or bfloat16")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     return Runtime(device, backend, precision, getattr(torch, dtype_name))
 
 
-def prepare_output_dir(config: FinetuneConfig, world: int = 1) -> Path:
-    """Refuse to mix runs: a different run in output_dir needs --resume or --overwrite.
-
-    A resumed run may use another number of processes if grad_accum x processes (the global
-    batch) stays the same.
-    """
-    out = Path(config.output_dir)
-    saved = out / RUN_CONFIG
-    if config.resume:
-        if not saved.is_file():
-            raise RunDirectoryError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing)")
-        # A setting added after the run started is absent from its file: it ran with the default.
-        previous = {f.name: f.default for f in fields(FinetuneConfig)} | json.loads(saved.read_text())
-        global_batch = previous.get("grad_accum", 1) * previous.get("world_size", 1)
-        changed = sorted(k for k, v in asdict(config).items()
-                         if k not in RESUME_FREE_FIELDS and previous.get(k) != v
-                         and not (k == "grad_accum" and v * world == global_batch))
-        if changed:
-            diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
-            raise RunDirectoryError(f"--resume: the run in {out} was started with other settings ({diffs}); "
-                                    "resume with the same settings, or start a new --output-dir")
-        return out
-    if out.exists() and any(out.iterdir()):
-        if not config.overwrite:
-            what = "a previous te-llama run" if saved.is_file() else "other files"
-            raise RunDirectoryError(f"{out} already holds {what}; pass --resume to continue it, --overwrite "
-                                    "to replace it, or choose another --output-dir")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(config, saved, world_size=world)
-    return out
+def check_sequence_length(config: FinetuneConfig, model_path: Path | None) -> None:
+    """Refuse --max-seq-len past the positions the model was trained for (read from its config only)."""
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=False) if model_path else \
+        preset_config("tiny-llama")
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "dynamic" or not limit or config.max_seq_len <= limit:
+        return  # dynamic NTK scaling is meant to run past the trained length
+    raise ConfigError(f"--max-seq-len {config.max_seq_len} is above the model's max_position_embeddings {limit} "
+                      f"({model_path or 'built-in model'}): it was never trained on positions past it; "
+                      f"use --max-seq-len {limit} or less")
 
 
-def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime) -> tuple[Any, Any]:
-    if config.model is None:
+def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime, model_path: Path | None = None
+                             ) -> tuple[Any, Any]:
+    """The model (converted unless backend 'hf') and its tokenizer; never runs code from the checkpoint."""
+    if model_path is None:
         tokenizer = builtin_tokenizer()
         model = builtin_model(tokenizer, dtype=runtime.param_dtype, seed=config.seed).to(runtime.device)
         if runtime.backend != "hf":
             model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv)
     elif runtime.backend == "hf":  # the baseline: transformers as is (SDPA attention)
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-        model = AutoModelForCausalLM.from_pretrained(config.model, dtype=runtime.param_dtype).to(runtime.device)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=runtime.param_dtype,
+                                                     trust_remote_code=False).to(runtime.device)
     else:
-        tokenizer = AutoTokenizer.from_pretrained(config.model)
-        model = from_pretrained(config.model, backend=runtime.backend, torch_dtype=runtime.param_dtype,
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        model = from_pretrained(model_path, backend=runtime.backend, torch_dtype=runtime.param_dtype,
                                 fuse_qkv=config.fuse_qkv, device=runtime.device)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
@@ -291,8 +266,6 @@ def hand_fp8_casts(config: FinetuneConfig, model, optimizer: torch.optim.Optimiz
 
 def optimizer_kernel(config: FinetuneConfig, runtime: Runtime) -> str:
     """The AdamW update kernel this run uses ("auto": Triton's where it runs)."""
-    if config.optimizer_kernel not in ("auto", "torch", "triton"):
-        raise ValueError(f"optimizer_kernel={config.optimizer_kernel!r} is unknown; choose auto, torch or triton")
     if config.optimizer_kernel == "triton" and config.parallel == "fsdp2":
         raise ValueError("optimizer_kernel='triton' updates plain tensors; FSDP2 shards them (use 'torch')")
     if config.optimizer_kernel == "triton" and not triton_adamw.available(runtime.device):
@@ -338,9 +311,8 @@ def setup_cuda_graphs(config: FinetuneConfig, runtime: Runtime, model, train: Ba
                             accumulate_grads=config.grad_accum > 1, shared_grad_buffers=shared_grad_buffers)
     except torch.OutOfMemoryError:
         release_cuda_graphs(model)
-        logger.warning("CUDA graphs off: capturing them ran out of GPU memory; running eagerly "
-                       "(lower --batch-size or --max-seq-len to use them)")
-        return False
+        raise out_of_memory(runtime.device, budget, memory_fixes(config, runtime, graphed=True),
+                            "while capturing the CUDA graphs") from None
     logits_bytes = 3 * budget * model.config.vocab_size * 4  # FP32 logits, their grad, softmax
     fits, detail = graphs_leave_room(model, runtime.device, logits_bytes + 2 * 2**30)
     if not fits:
@@ -377,30 +349,55 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
+def memory_fixes(config: FinetuneConfig, runtime: Runtime, graphed: bool) -> list[str]:
+    """The options that lower this run's GPU memory, most effective first."""
+    fixes = [f"--batch-size {max(1, config.batch_size // 2)} (now {config.batch_size}; add --grad-accum "
+             f"{2 * config.grad_accum} to keep the batch)" if config.batch_size > 1 else
+             f"--max-seq-len {max(1, config.max_seq_len // 2)} (now {config.max_seq_len})"]
+    if not config.activation_checkpointing:
+        fixes.append("--activation-checkpointing (recompute layers in backward: about a third more compute)")
+    if graphed:
+        fixes.append("--no-cuda-graphs (graphs keep their activation memory reserved)")
+    if runtime.param_dtype == torch.float32 and runtime.device.type == "cuda":
+        fixes.append("--param-dtype bfloat16")
+    fixes.append("several GPUs with --parallel fsdp2 (shards weights and optimizer state)")
+    return fixes
+
+
 def finetune(config: FinetuneConfig) -> FinetuneResult:
-    # ---- setup
+    # ---- setup: every check before any slow work; the first write only once model and data are good
     runtime = resolve_runtime(config)
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")
     main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
     if world > 1 and runtime.device.type == "cuda":
         runtime.device = accelerator.device
+    fsdp = config.parallel == "fsdp2"
+    if fsdp:
+        require_process_group("fsdp2")
     out = Path(config.output_dir)
-    if config.resume and not (out / RUN_CONFIG).is_file():  # fail fast, before the slow setup
-        raise RunDirectoryError(f"--resume: {out} holds no run to resume ({RUN_CONFIG} missing)")
-    optimizer_kernel(config, runtime)  # a bad choice fails here, before anything is written
+    check_output_dir(config, world)
+    optimizer_kernel(config, runtime)
+    with accelerator.main_process_first():  # a Hub id is downloaded once
+        model_path = resolve_model(config.model) if config.model else None
+    check_sequence_length(config, model_path)
     torch.manual_seed(config.seed)
-    model, tokenizer = load_model_and_tokenizer(config, runtime)
+    model, tokenizer = load_model_and_tokenizer(config, runtime, model_path)
     if config.bf16_first_layers or config.bf16_last_layers:  # before graphs and sharding see the layers
         kept = keep_layers_in_bf16(model, config.bf16_first_layers, config.bf16_last_layers)
         logger.info("decoder layers %s run in BF16%s", kept, "" if runtime.precision in FP8_PRECISIONS
                     else f" (inert: precision {runtime.precision} has no FP8)")
     data = config.data or str(asset_path(SAMPLE_TEXT))
+    fingerprint = data_fingerprint(data, tokenizer, config.data_split)
+    if config.resume:
+        check_resume_fingerprint(out, fingerprint)
     cache_dir = config.cache_dir or str(Path.home() / ".cache" / "te-llama")
     with accelerator.main_process_first():  # the main process tokenizes and caches; the others read it
         examples, report = load_examples(data, tokenizer, config.max_seq_len, cache_dir, config.text_field,
-                                         config.assistant_only_loss, config.long_rows, config.on_bad_rows)
-    if main:  # only once model and data are known good: a failed start leaves no run behind
-        prepare_output_dir(config, world)
+                                         config.assistant_only_loss, config.long_rows, config.on_bad_rows,
+                                         split=config.data_split, fingerprint=fingerprint)
+    if main:
+        prepare_output_dir(config, world, fingerprint)
+        sweep_interrupted_exports(out)
         (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
     accelerator.wait_for_everyone()
     train_set, eval_set = split_eval(examples, config.eval_fraction, config.seed)
@@ -409,11 +406,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     evals = BatchSource(eval_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours) if eval_set is not None else None
     steps = total_steps(config, train, world)
 
-    fsdp = config.parallel == "fsdp2"
-    if config.parallel not in PARALLEL_MODES:
-        raise ValueError(f"parallel={config.parallel!r} is unknown; choose one of {PARALLEL_MODES}")
     if fsdp:
-        require_process_group("fsdp2")
         model = shard_fsdp2(model)
     params = [p for p in model.parameters() if p.requires_grad]
     overlap_off = overlap_off_reason(config, runtime, world)
@@ -428,12 +421,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     ckpt_root = out / "checkpoints"
     if main:
         sweep_incomplete(ckpt_root)
+    accelerator.wait_for_everyone()
     position = Position()
     metrics = MetricsLog(out, config.tensorboard and main) if main else None
     if config.resume:
         found = checkpoints(ckpt_root)
-        if not found:
-            raise RunDirectoryError(f"--resume: no complete checkpoint in {ckpt_root}")
         load_state = load_sharded_checkpoint if fsdp else load_checkpoint
         position = load_state(found[-1], accelerator.unwrap_model(model), optimizer, scheduler)
         if main:
@@ -441,7 +433,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
         logger.info("resumed from %s (step %d)", found[-1], position.step)
     graphed = setup_cuda_graphs(config, runtime, accelerator.unwrap_model(model), train, steps, world,
                                 shared_grad_buffers=GRAD_BUFFER_SETS if not overlap_off and config.fuse_qkv else 0)
-    if graphed and runtime.precision in FP8_PRECISIONS:  # docs/SPEED_NOTES.md, change 8
+    if graphed and runtime.precision in FP8_PRECISIONS:
         hand_fp8_casts(config, accelerator.unwrap_model(model), getattr(optimizer, "optimizer", optimizer),
                        overlap_off)
     _log_start(config, runtime, report, len(train_set), steps, position)
@@ -451,64 +443,87 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     raw_model = accelerator.unwrap_model(model)
     step_loss = (lambda inputs: model(**inputs).loss) if fused_off else (lambda inputs: causal_lm_loss(raw_model, **inputs))
 
+    def save() -> None:
+        if fsdp:  # every rank writes its shards
+            save_sharded_checkpoint(ckpt_root, position, model, optimizer, scheduler, config.keep_last)
+        elif main:  # data-parallel replicas are identical: one copy is the checkpoint
+            save_checkpoint(ckpt_root, position, raw_model, optimizer, scheduler, config.keep_last)
+        accelerator.wait_for_everyone()
+
     # ---- train
     stop_at = min(steps, position.step + config.stop_after_steps) if config.stop_after_steps else steps
     last_loss, eval_loss, speeds = float("nan"), None, []
     bar = tqdm(total=steps, initial=position.step, desc="finetune", disable=not main)
-    while position.step < stop_at:
-        start = time.perf_counter()
-        loss_sum, real, padded = torch.zeros((), device=runtime.device), 0, 0
-        for _ in range(config.grad_accum):
-            batch = train.next(position, rank, world)
-            inputs = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
-            with autocast(runtime.precision):
-                loss = step_loss(inputs)
-            accelerator.backward(loss / config.grad_accum)
-            loss_sum += loss.detach()
-            real, padded = real + batch.real_tokens, padded + batch.padded_tokens
-        grad_norm = None
-        if config.max_grad_norm > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if fsdp else \
-                accelerator.clip_grad_norm_(params, config.max_grad_norm)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        position.step += 1
-        if world > 1:  # the global batch's mean loss and token counts
-            counts = accelerator.reduce(torch.tensor([real, padded], device=runtime.device), "sum")
-            loss_sum, (real, padded) = accelerator.reduce(loss_sum, "mean"), counts.tolist()
-        last_loss = float(loss_sum) / config.grad_accum  # syncs the device: the step is done
-        elapsed = time.perf_counter() - start
-        speeds.append(real / elapsed)
+    last_save = time.monotonic()
+    try:
+        with StopRequests() as stops:
+            while position.step < stop_at:
+                start = time.perf_counter()
+                loss_sum, real, padded = torch.zeros((), device=runtime.device), 0, 0
+                for _ in range(config.grad_accum):
+                    batch = train.next(position, rank, world)
+                    inputs = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
+                    with autocast(runtime.precision):
+                        loss = step_loss(inputs)
+                    accelerator.backward(loss / config.grad_accum)
+                    loss_sum += loss.detach()
+                    real, padded = real + batch.real_tokens, padded + batch.padded_tokens
+                grad_norm = None
+                if config.max_grad_norm > 0:
+                    grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm) if fsdp else \
+                        accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                position.step += 1
+                save_due = config.save_every_minutes > 0 and \
+                    time.monotonic() - last_save >= 60 * config.save_every_minutes
+                signum = stops.signum or 0
+                if world > 1:  # the global batch's mean loss and token counts; every rank stops together
+                    counts = accelerator.reduce(torch.tensor([real, padded], device=runtime.device), "sum")
+                    loss_sum, (real, padded) = accelerator.reduce(loss_sum, "mean"), counts.tolist()
+                    flags = torch.tensor([signum, int(save_due)], device=runtime.device)
+                    torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+                    signum, save_due = int(flags[0]), bool(flags[1])
+                last_loss = float(loss_sum) / config.grad_accum  # syncs the device: the step is done
+                elapsed = time.perf_counter() - start
+                speeds.append(real / elapsed)
+                if main:
+                    metrics.log("train", position.step, loss=last_loss, lr=scheduler.get_last_lr()[0],
+                                grad_norm=grad_norm_value(grad_norm) if grad_norm is not None else None,
+                                step_ms=1000 * elapsed, tokens_per_s=real / elapsed, real_tokens=real,
+                                padded_tokens=padded, epoch=position.epoch)
+                bar.update(1)
+                bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{real / elapsed:,.0f}")
+                if evals is not None and (position.step % config.eval_every == 0 or position.step == steps):
+                    eval_loss = evaluate(model, evals, runtime)
+                    if main:
+                        metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
+                on_schedule = config.save_every > 0 and (position.step % config.save_every == 0 or
+                                                         position.step == stop_at)
+                stopping = signum and position.step < steps
+                if on_schedule or save_due or stopping:
+                    save()
+                    last_save = time.monotonic()
+                if stopping:
+                    name = signal_name(signum)
+                    raise TrainingInterrupted(f"{name}: stopped after step {position.step} of {steps}; checkpoint "
+                                              f"saved in {ckpt_root}. Continue with: {resume_command()}", signum)
+    except torch.OutOfMemoryError:
+        raise out_of_memory(runtime.device, config.batch_size * config.max_seq_len,
+                            memory_fixes(config, runtime, graphed), f"at step {position.step + 1}") from None
+    finally:
+        bar.close()
         if main:
-            metrics.log("train", position.step, loss=last_loss, lr=scheduler.get_last_lr()[0],
-                        grad_norm=grad_norm_value(grad_norm) if grad_norm is not None else None,
-                        step_ms=1000 * elapsed,
-                        tokens_per_s=real / elapsed, real_tokens=real, padded_tokens=padded, epoch=position.epoch)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{real / elapsed:,.0f}")
-        if evals is not None and (position.step % config.eval_every == 0 or position.step == steps):
-            eval_loss = evaluate(model, evals, runtime)
-            if main:
-                metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
-        if config.save_every > 0 and (position.step % config.save_every == 0 or position.step == stop_at):
-            if fsdp:  # every rank writes its shards
-                save_sharded_checkpoint(ckpt_root, position, model, optimizer, scheduler, config.keep_last)
-            elif main:  # data-parallel replicas are identical: one copy is the checkpoint
-                save_checkpoint(ckpt_root, position, accelerator.unwrap_model(model), optimizer, scheduler,
-                                config.keep_last)
-            accelerator.wait_for_everyone()
-    bar.close()
+            metrics.close()
 
     # ---- save
     exported = None
     if position.step == steps:
         gathered = full_state_dict(model) if fsdp else None  # a collective: every rank takes part
         if main:
-            exported = export_final(accelerator.unwrap_model(model), tokenizer, out / "final", runtime.backend,
-                                    gathered)
+            exported = export_final(raw_model, tokenizer, out / "final", runtime.backend, gathered)
     if main:
-        metrics.close()
         plot_metrics(metrics.path, out / "metrics.png")
     accelerator.wait_for_everyone()
     # ---- cleanup

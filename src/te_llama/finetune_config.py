@@ -7,12 +7,29 @@ file < command-line flags. The resolved config is saved with every run (run_conf
 from __future__ import annotations
 
 import json
+import math
 import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import yaml
+
+from .errors import TeLlamaError
+
+Backend = Literal["auto", "te", "reference", "hf"]
+Precision = Literal["auto", "fp32", "bf16", "fp8", "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
+                    "fp8-delayed-fastacc", "fp8-current-fastacc"]
+ParamDtype = Literal["auto", "float32", "bfloat16"]
+LongRows = Literal["truncate", "drop", "fail"]
+OnBadRows = Literal["fail", "skip"]
+Schedule = Literal["cosine", "linear", "constant"]
+Parallel = Literal["ddp", "fsdp2"]
+OptimizerKernel = Literal["auto", "torch", "triton"]
+
+
+class ConfigError(TeLlamaError, ValueError):
+    """An option has a value te-llama cannot use (the option, the value and the allowed range named)."""
 
 
 @dataclass
@@ -23,24 +40,26 @@ class FinetuneConfig:
     """JSONL/JSON/Parquet/CSV file, a save_to_disk folder, or a hub name; None = bundled sample."""
     output_dir: str = "runs/te-llama"
     """Checkpoints, metrics, plot and the exported HF model (output_dir/final)."""
-    backend: str = "auto"
+    backend: Backend = "auto"
     """"te", "reference", "hf" (transformers as is, the baseline), or "auto" (TE when CUDA and TE are present)."""
-    precision: str = "auto"
+    precision: Precision = "auto"
     """"fp32", "bf16", "fp8" (default recipe), "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
     "fp8-delayed-fastacc", "fp8-current-fastacc" (fast FP8 accumulation in the backward GEMMs too); auto = bf16 on GPU, fp32 on CPU."""
-    param_dtype: str = "auto"
+    param_dtype: ParamDtype = "auto"
     """Dtype the weights are stored and updated in: "float32" or "bfloat16"; auto = bf16 on GPU (a 7B fits), fp32 on CPU."""
     fuse_qkv: bool = True
     """Keep Q/K/V as one TE parameter (one GEMM)."""
+    data_split: str = "train"
+    """Split to train on, for datasets with several (a save_to_disk DatasetDict, a hub dataset)."""
     text_field: str = "text"
     """Column with the plain text, for non-chat data."""
     assistant_only_loss: bool = True
     """For chat data: train only on assistant tokens."""
     max_seq_len: int = 2048
     """Examples longer than this are handled by long_rows."""
-    long_rows: str = "truncate"
+    long_rows: LongRows = "truncate"
     """Examples over max_seq_len: "truncate", "drop" or "fail"."""
-    on_bad_rows: str = "fail"
+    on_bad_rows: OnBadRows = "fail"
     """Malformed JSON lines: "fail" (the default: nothing silently lost) or "skip" (counted)."""
     eval_fraction: float = 0.05
     """Share of examples held out for evaluation (0 = no eval)."""
@@ -51,14 +70,16 @@ class FinetuneConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     learning_rate: float = 2e-5
+    """AdamW's peak learning rate."""
     weight_decay: float = 0.0
+    """AdamW's decoupled weight decay."""
     warmup_ratio: float = 0.03
     """Share of the steps spent warming the learning rate up linearly."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """Learning-rate schedule after warm-up: "cosine", "linear" or "constant"."""
     max_grad_norm: float = 1.0
     """Gradient clipping (0 = off)."""
-    parallel: str = "ddp"
+    parallel: Parallel = "ddp"
     """With several processes: "ddp" (replicas, through accelerate) or "fsdp2" (torch FSDP2, sharded; needs torchrun/accelerate launch)."""
     cuda_graphs: bool = True
     """Replay the TE layers as CUDA graphs (backend te, packing, one process, no activation checkpointing; otherwise eager, logged). Packed rows are then padded to the token budget."""
@@ -72,29 +93,110 @@ class FinetuneConfig:
     """FP8 precisions: run this many first decoder layers in BF16 (most of FP8's slower learning comes from them: docs/SPEED_NOTES.md, change 10)."""
     bf16_last_layers: int = 0
     """FP8 precisions: run this many last decoder layers in BF16."""
-    optimizer_kernel: str = "auto"
+    optimizer_kernel: OptimizerKernel = "auto"
     """AdamW's update kernel: "torch" (fused AdamW), "triton" (te_llama.triton_adamw: ~25% faster on a 7B; CUDA, not FSDP2), or "auto" (triton where it runs)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward: less memory, about a third more compute."""
     seed: int = 0
+    """Seeds the model init (built-in model), data order and eval split."""
     max_steps: int | None = None
     """Optimizer steps; None = run `epochs` epochs."""
     epochs: int = 1
+    """Passes over the training data, when max_steps is not given."""
     stop_after_steps: int | None = None
     """Stop (with a checkpoint) after this many steps of this run, schedule unchanged; resume later."""
     eval_every: int = 100
+    """Held-out eval loss every N steps and at the end."""
     save_every: int = 500
     """Training checkpoint every N steps and at the end (0 = none: only the final HF export)."""
+    save_every_minutes: float = 60.0
+    """Also a checkpoint once this many minutes passed since the last one, so a crash loses at most
+    this much work whatever the step time (0 = by steps only)."""
     keep_last: int = 2
     """Checkpoints kept (older ones deleted after a newer one is complete)."""
     resume: bool = False
     """Continue the run in output_dir from its latest checkpoint."""
     overwrite: bool = False
-    """Replace a different run already in output_dir."""
+    """Replace a finished or checkpointed te-llama run in output_dir (only te-llama's own files are
+    deleted; a folder holding anything else is refused)."""
     cache_dir: str | None = None
     """Where tokenized data is cached; None = ~/.cache/te-llama."""
     tensorboard: bool = True
     """Also log to TensorBoard when it is installed."""
+
+    def __post_init__(self) -> None:
+        """Coerce each value to its field's type and check its range: bad values fail at parse time,
+        before a model is loaded or a folder created, with the option and the fix named."""
+        hints = get_type_hints(type(self))
+        for field in fields(self):
+            setattr(self, field.name, _coerce(field.name, getattr(self, field.name), hints[field.name]))
+        for name, (low, high, note) in RANGES.items():
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if math.isnan(value) or (low is not None and value < low) or (high is not None and value > high):
+                raise ConfigError(f"{_option(name)} {value!r} is out of range: {note}")
+
+
+RANGES: dict[str, tuple[float | None, float | None, str]] = {
+    "max_seq_len": (1, None, "it must be at least 1 token"),
+    "batch_size": (1, None, "it must be at least 1"),
+    "grad_accum": (1, None, "it must be at least 1 micro-batch per step"),
+    "learning_rate": (1e-12, None, "it must be above 0 (e.g. 2e-5 for a full finetune)"),
+    "weight_decay": (0, None, "it must be 0 or more"),
+    "warmup_ratio": (0, 1, "it is a share of the steps, from 0 to 1 (e.g. 0.03)"),
+    "eval_fraction": (0, 0.9, "it is the share of examples held out, from 0 (no eval) to 0.9"),
+    "max_grad_norm": (0, None, "it must be 0 (no clipping) or more"),
+    "bf16_first_layers": (0, None, "it must be 0 or more"),
+    "bf16_last_layers": (0, None, "it must be 0 or more"),
+    "max_steps": (1, None, "it must be at least 1 (or leave it out to run --epochs epochs)"),
+    "epochs": (1, None, "it must be at least 1"),
+    "stop_after_steps": (1, None, "it must be at least 1 (or leave it out to run to the end)"),
+    "eval_every": (1, None, "it must be at least 1 (--eval-fraction 0 turns eval off)"),
+    "save_every": (0, None, "it must be 0 (no step-based checkpoints) or more"),
+    "save_every_minutes": (0, None, "it must be 0 (off) or more"),
+    "keep_last": (1, None, "it must keep at least 1 checkpoint"),
+}
+"""Allowed range (inclusive) of each numeric option, and what to tell the user."""
+
+
+def _option(name: str) -> str:
+    return f"--{name.replace('_', '-')} ({name})"
+
+
+def _coerce(name: str, value: Any, kind: Any) -> Any:
+    """`value` as the field's type: YAML gives '1e-5' as a string and 8 where 8.0 is meant."""
+    args = get_args(kind)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise ConfigError(f"{_option(name)} needs a value")
+    if get_origin(kind) is Literal:
+        if value not in args:
+            raise ConfigError(f"{_option(name)} {value!r} is not one of: {', '.join(map(str, args))}")
+        return value
+    base = next(t for t in (bool, int, float, str) if t is kind or t in args)
+    if base is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{_option(name)} {value!r} must be true or false")
+    if base is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{_option(name)} {value!r} must be a string")
+    if isinstance(value, bool):
+        raise ConfigError(f"{_option(name)} {value!r} must be a number")
+    try:
+        number = float(value) if isinstance(value, str) else value
+    except ValueError:
+        raise ConfigError(f"{_option(name)} {value!r} is not a number") from None
+    if not isinstance(number, (int, float)):
+        raise ConfigError(f"{_option(name)} {value!r} is not a number")
+    if base is float:
+        return float(number)
+    if float(number) != int(number):
+        raise ConfigError(f"{_option(name)} {value!r} must be a whole number")
+    return int(number)
 
 
 # The embedded default: tiny model, bundled data, done in well under a minute on a CPU.
@@ -133,11 +235,13 @@ def resolve_config(file: str | Path | None = None, **flags: Any) -> FinetuneConf
     return FinetuneConfig(**(values | from_file | given))
 
 
-def save_config(config: FinetuneConfig, path: Path, world_size: int = 1) -> None:
-    """The resolved config, plus the number of processes the run started with."""
-    path.write_text(json.dumps(asdict(config) | {"world_size": world_size}, indent=2, sort_keys=True) + "\n")
+def save_config(config: FinetuneConfig, path: Path, world_size: int = 1,
+                fingerprint: dict[str, str] | None = None) -> None:
+    """The resolved config, the number of processes the run started with and its data fingerprint."""
+    extra = {"world_size": world_size} | ({"fingerprint": fingerprint} if fingerprint else {})
+    path.write_text(json.dumps(asdict(config) | extra, indent=2, sort_keys=True) + "\n")
 
 
 # Options that may differ between a run and its resumption without changing its results.
 RESUME_FREE_FIELDS = {"resume", "overwrite", "stop_after_steps", "cache_dir", "tensorboard", "output_dir",
-                      "eval_every", "save_every", "keep_last"}
+                      "eval_every", "save_every", "save_every_minutes", "keep_last"}
