@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import te_llama
-from te_llama.presets import preset_config
+from te_llama.model.presets import preset_config
 
 
 def run_steps(preset: str, precision: str, batch: int, seq: int, steps: int, warmup: int) -> dict:

@@ -19,8 +19,8 @@ from transformers import AutoModelForCausalLM
 
 import te_llama
 from te_llama.bench.measure import BenchSettings, token_batches
-from te_llama.convert import decoder_layers
-from te_llama.presets import preset_config
+from te_llama.model.convert import decoder_layers
+from te_llama.model.presets import preset_config
 
 
 def fp8_scales(layer: torch.nn.Module) -> str:

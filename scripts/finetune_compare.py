@@ -20,9 +20,9 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from te_llama.builtin import builtin_tokenizer
-from te_llama.metrics import read_metrics
-from te_llama.presets import preset_config
+from te_llama.model.builtin import builtin_tokenizer
+from te_llama.train.metrics import read_metrics
+from te_llama.model.presets import preset_config
 
 VARIANTS = {  # name: te-llama finetune flags
     "hf-bf16-padding": ["--backend", "hf", "--precision", "bf16", "--no-packing"],

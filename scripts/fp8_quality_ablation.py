@@ -34,7 +34,7 @@ from transformers import AutoModelForCausalLM
 
 import te_llama
 from te_llama.bench.measure import BenchSettings, token_batches
-from te_llama.presets import preset_config
+from te_llama.model.presets import preset_config
 
 BF16_LAYERS = {"fp8-ends-bf16": (1, 1), "fp8-first-bf16": (1, 0), "fp8-last-bf16": (0, 1),
                "fp8-ends2-bf16": (2, 2), "fp8-first2-bf16": (2, 0), "fp8-e4m3-grads-first2-bf16": (2, 0)}

@@ -14,7 +14,7 @@ import json
 
 import torch
 
-from te_llama.presets import preset_config
+from te_llama.model.presets import preset_config
 
 
 def parameter_shapes(preset: str) -> list[tuple[int, ...]]:
@@ -42,14 +42,14 @@ def copy_bandwidth(numel: int = 2**30) -> float:
 
 
 class TritonAdamW:
-    """te_llama.triton_adamw's kernel over every tensor, as LayerwiseAdamW(kernel="triton") runs it."""
+    """te_llama.train.triton_adamw's kernel over every tensor, as LayerwiseAdamW(kernel="triton") runs it."""
 
     def __init__(self, params: list[torch.nn.Parameter]) -> None:
         self.params, self.steps = params, 0
         self.moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in params]
 
     def step(self) -> None:
-        from te_llama.triton_adamw import adamw_update
+        from te_llama.train.triton_adamw import adamw_update
 
         self.steps += 1
         for p, (m, v) in zip(self.params, self.moments):

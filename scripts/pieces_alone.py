@@ -99,7 +99,7 @@ def attention_ms(batch: int, seq: int, heads: int, kv_heads: int, head_dim: int)
 
 
 def pieces_alone(preset: str, batch: int, seq: int) -> dict:
-    from te_llama.presets import preset_config
+    from te_llama.model.presets import preset_config
 
     config = preset_config(preset)
     tokens = batch * seq

@@ -9,12 +9,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from te_llama.bench import BenchResult, BenchSettings, run_bench
-from te_llama.bench import _run_variant
+from te_llama.bench import BenchResult, BenchSettings, _run_variant, run_bench
 from te_llama.bench.measure import flops_per_token
 from te_llama.bench.report import render_table, speedups
 from te_llama.bench.variants import VARIANTS, select, unavailable_reason
-from te_llama.presets import preset_config
+from te_llama.model.presets import preset_config
 
 TINY = BenchSettings(preset="tiny-llama", batch=2, seq=32, steps=2, warmup=1)
 
@@ -86,7 +85,7 @@ def test_flop_count_matches_the_model_parameters() -> None:
 def test_sample_data_batches_are_the_bundled_text_and_train() -> None:
     """--data sample: real text rows (no padding, ids of the built-in tokenizer), a loss curve per step."""
     from te_llama.bench.measure import measure, token_batches
-    from te_llama.builtin import builtin_tokenizer
+    from te_llama.model.builtin import builtin_tokenizer
 
     settings = BenchSettings(preset="tiny-llama", batch=2, seq=64, steps=4, warmup=1, data="sample")
     batches = token_batches(settings, 512, torch.device("cpu"))

@@ -16,9 +16,9 @@ from transformers import AutoModelForCausalLM
 
 import te_llama
 from te_llama import CheckpointError, UnsupportedArchitectureError, WeightMappingError
-from te_llama import checkpoint as checkpoint_module
-from te_llama.builtin import builtin_tokenizer
 from te_llama.errors import DiskFullError
+from te_llama.model import hf_checkpoint as checkpoint_module
+from te_llama.model.builtin import builtin_tokenizer
 
 MAX_RELATIVE_ERROR = 1e-5
 SMALL_SHARD_BYTES = 40_000  # forces several shards on the tiny models

@@ -14,8 +14,9 @@ import torch
 from conftest import random_hf_model
 
 import te_llama
-from te_llama.batching import collate_packed, max_docs_per_batch
-from te_llama.cuda_graphs import (
+from te_llama.errors import BackendUnavailableError
+from te_llama.train.batching import collate_packed, max_docs_per_batch
+from te_llama.train.cuda_graphs import (
     GraphedLayers,
     StaticShape,
     capture_cuda_graphs,
@@ -26,8 +27,7 @@ from te_llama.cuda_graphs import (
     shared_buffer_sets,
     static_layer_calls,
 )
-from te_llama.data import IGNORE_INDEX
-from te_llama.errors import BackendUnavailableError
+from te_llama.train.data import IGNORE_INDEX
 
 LOGITS_ATOL = 1e-5  # float32, same math, different document count: summation order only
 
@@ -115,7 +115,7 @@ def test_capture_refuses_models_without_te_layers() -> None:
 
 def test_release_undoes_a_half_done_capture() -> None:
     """What a capture that ran out of memory leaves behind (in-place gradient buffers, no graphs) is undone."""
-    from te_llama.cuda_graphs import release_cuda_graphs
+    from te_llama.train.cuda_graphs import release_cuda_graphs
 
     model = te_llama.convert(random_hf_model("llama2-mha"), backend="reference", fuse_qkv=True).train()
     weight = model.model.layers[0].self_attention.proj.weight

@@ -8,9 +8,15 @@ import os
 import datasets
 import pytest
 
-import te_llama.data as data
-from te_llama.builtin import builtin_tokenizer
-from te_llama.data import DataError, DataReport, data_fingerprint, load_examples, load_rows
+import te_llama.train.data as data
+from te_llama.model.builtin import builtin_tokenizer
+from te_llama.train.data import (
+    DataError,
+    DataReport,
+    data_fingerprint,
+    load_examples,
+    load_rows,
+)
 
 GOOD = json.dumps({"text": "The sum of 1 and 2 is 3."})
 HELLO = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from te_llama.metrics import read_metrics
+from te_llama.train.metrics import read_metrics
 
 # Several processes compute transformers' loss (the fused one goes around DDP's / FSDP2's forward),
 # so the one-process runs they are compared with do too: the same math on both sides.

@@ -12,14 +12,19 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import te_llama
-from te_llama.batching import collate_packed, collate_padded
-from te_llama.builtin import SAMPLE_CHAT, asset_path, builtin_model, builtin_tokenizer
 from te_llama.cli import main as cli_main
-from te_llama.finetune import finetune
-from te_llama.finetune_config import resolve_config
-from te_llama.metrics import read_metrics
-from te_llama.run_dir import RunDirectoryError
-from te_llama.training_state import checkpoints
+from te_llama.model.builtin import (
+    SAMPLE_CHAT,
+    asset_path,
+    builtin_model,
+    builtin_tokenizer,
+)
+from te_llama.train.batching import collate_packed, collate_padded
+from te_llama.train.checkpoints import checkpoints
+from te_llama.train.config import resolve_config
+from te_llama.train.metrics import read_metrics
+from te_llama.train.recipe import finetune
+from te_llama.train.run_dir import RunDirectoryError
 
 LOSS_RTOL = 1e-5  # packing vs padding: the same math up to summation order
 EXPORT_LOGITS_REL = 1e-5  # the export in vanilla HF vs te-llama's reference layers (FP32, relative to the max)
@@ -83,7 +88,7 @@ def test_packed_examples_do_not_attend_to_each_other() -> None:
 
 
 def test_chat_loss_covers_exactly_the_assistant_tokens(tmp_path) -> None:
-    from te_llama.data import IGNORE_INDEX, load_examples
+    from te_llama.train.data import IGNORE_INDEX, load_examples
 
     tokenizer = builtin_tokenizer()
     examples, _ = load_examples(str(asset_path(SAMPLE_CHAT)), tokenizer, 512, None)
@@ -117,9 +122,9 @@ def test_resume_continues_exactly(tmp_path) -> None:
 
 KILL_MID_SAVE = textwrap.dedent("""
     import os, signal, sys
-    import te_llama.training_state as ts
-    from te_llama.finetune import finetune
-    from te_llama.finetune_config import resolve_config
+    import te_llama.train.checkpoints as ts
+    from te_llama.train.recipe import finetune
+    from te_llama.train.config import resolve_config
     real_save, calls = ts.torch.save, []
     def save_then_die(obj, path):
         calls.append(path)
@@ -192,7 +197,7 @@ def test_sequences_longer_than_the_limit(tmp_path) -> None:
 
 
 def test_tokenizer_without_pad_token(tmp_path, monkeypatch) -> None:
-    import te_llama.finetune as recipe
+    import te_llama.train.recipe as recipe
 
     def no_pad():
         tokenizer = builtin_tokenizer()
@@ -245,8 +250,8 @@ def test_hf_baseline_backend_runs_and_exports(tmp_path) -> None:
 
 
 def test_activation_checkpointing_recomputes_layers(monkeypatch) -> None:
-    from te_llama.finetune import FinetuneConfig, Runtime, load_model_and_tokenizer
-    from te_llama.layers.reference import ReferenceTransformerLayer
+    from te_llama.model.layers.reference import ReferenceTransformerLayer
+    from te_llama.train.recipe import FinetuneConfig, Runtime, load_model_and_tokenizer
 
     runtime = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
     model, _ = load_model_and_tokenizer(FinetuneConfig(activation_checkpointing=True), runtime)
@@ -287,7 +292,7 @@ def test_overlapped_optimizer_trains_and_resumes_like_adamw(tmp_path, caplog) ->
 
 
 def test_overlap_is_off_where_it_would_change_training(caplog) -> None:
-    from te_llama.finetune import Runtime, overlap_off_reason
+    from te_llama.train.recipe import Runtime, overlap_off_reason
 
     runtime = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
     base = {"max_grad_norm": 0.0}
@@ -300,7 +305,7 @@ def test_overlap_is_off_where_it_would_change_training(caplog) -> None:
 
 
 def test_optimizer_kernel_choice_and_errors(tmp_path) -> None:
-    from te_llama.finetune import Runtime, optimizer_kernel
+    from te_llama.train.recipe import Runtime, optimizer_kernel
 
     cpu = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
     assert optimizer_kernel(resolve_config(), cpu) == "torch"  # auto: Triton's needs CUDA
@@ -321,7 +326,7 @@ def test_bf16_layer_counts_are_checked_before_the_run_starts(tmp_path) -> None:
 
 
 def test_fused_loss_trains_like_transformers_loss(tmp_path, caplog) -> None:
-    """The default step computes the loss with te_llama.fused_loss; --no-fused-loss gives HF's, same losses."""
+    """The default step computes the loss with te_llama.train.loss; --no-fused-loss gives HF's, same losses."""
     import logging
 
     caplog.set_level(logging.INFO, logger="te_llama")
@@ -334,7 +339,7 @@ def test_fused_loss_trains_like_transformers_loss(tmp_path, caplog) -> None:
 
 
 def test_fused_loss_is_off_where_the_model_forward_must_run() -> None:
-    from te_llama.finetune import Runtime, fused_loss_off_reason
+    from te_llama.train.recipe import Runtime, fused_loss_off_reason
 
     runtime = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
     assert fused_loss_off_reason(resolve_config(), runtime, 1) is None

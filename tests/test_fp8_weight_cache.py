@@ -14,16 +14,16 @@ from conftest import random_hf_model
 from torch import nn
 
 import te_llama
-from te_llama.convert import decoder_layers
-from te_llama.cuda_graphs import (
+from te_llama.model.convert import decoder_layers
+from te_llama.train.cuda_graphs import (
     GraphedLayers,
     StaticShape,
     cast_fp8_weights_after_updates,
     install_graphs,
     static_layer_calls,
 )
-from te_llama.fp8_weight_cache import collect_fp8_weight_cache
-from te_llama.layerwise_adamw import LayerwiseAdamW
+from te_llama.train.fp8_weight_cache import collect_fp8_weight_cache
+from te_llama.train.layerwise_adamw import LayerwiseAdamW
 
 
 class RoundingQuantizer:

@@ -10,7 +10,7 @@ from conftest import float64_oracle, next_token_loss, random_hf_model
 from tolerances import assert_as_accurate_as
 
 import te_llama
-from te_llama.fused_loss import (
+from te_llama.train.loss import (
     IGNORE_INDEX,
     causal_lm_loss,
     linear_cross_entropy,

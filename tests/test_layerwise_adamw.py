@@ -8,8 +8,8 @@ import pytest
 import torch
 from conftest import random_hf_model
 
-from te_llama.convert import convert, decoder_layers
-from te_llama.layerwise_adamw import LayerwiseAdamW
+from te_llama.model.convert import convert, decoder_layers
+from te_llama.train.layerwise_adamw import LayerwiseAdamW
 
 ADAMW = {"lr": 1e-3, "weight_decay": 0.1, "betas": (0.9, 0.95)}
 SINGLE_TENSOR = {"foreach": False, "fused": False}  # LayerwiseAdamW's own kernel: bit-equal by construction

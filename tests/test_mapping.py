@@ -9,7 +9,12 @@ import torch
 from conftest import random_hf_model
 
 from te_llama import ArchitectureSpec, WeightMappingError, hf_to_te, te_to_hf
-from te_llama.mapping import hf_layer_to_te, stream_hf_to_te, te_layer_shapes, te_layer_to_hf
+from te_llama.model.mapping import (
+    hf_layer_to_te,
+    stream_hf_to_te,
+    te_layer_shapes,
+    te_layer_to_hf,
+)
 
 
 def hf_state(arch: str) -> tuple[dict[str, torch.Tensor], ArchitectureSpec]:

@@ -98,7 +98,7 @@ def test_converted_model_is_the_same_object_with_new_layers() -> None:
     hf = random_hf_model("llama2-mha")
     converted = te_llama.convert(hf, backend="reference")
     assert converted is hf
-    from te_llama.layers.reference_decoder import ReferenceDecoderLayer
+    from te_llama.model.layers.reference_decoder import ReferenceDecoderLayer
 
     assert all(isinstance(layer, ReferenceDecoderLayer) for layer in converted.model.layers)
     names = {n for n, _ in converted.named_parameters()}
@@ -117,7 +117,7 @@ def test_te_only_zero_biases_are_frozen() -> None:
 
 def test_layout_given_by_cu_seqlens_equals_the_one_from_position_ids() -> None:
     """HF's packed kwargs (cu_seq_lens_q, max_length_q) give the same result without a device sync."""
-    from te_llama.batching import collate_packed
+    from te_llama.train.batching import collate_packed
 
     hf = random_hf_model("llama3.1-gqa-llama3-rope")
     ours = te_llama.convert(hf, backend="reference")

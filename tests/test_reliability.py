@@ -14,11 +14,11 @@ import torch
 
 import te_llama
 from te_llama.cli import main as cli_main
-from te_llama.finetune import finetune
-from te_llama.finetune_config import ConfigError, resolve_config
-from te_llama.metrics import read_metrics
-from te_llama.run_dir import RunDirectoryError
-from te_llama.training_state import checkpoints
+from te_llama.train.checkpoints import checkpoints
+from te_llama.train.config import ConfigError, resolve_config
+from te_llama.train.metrics import read_metrics
+from te_llama.train.recipe import finetune
+from te_llama.train.run_dir import RunDirectoryError
 
 SHORT = {"tensorboard": False, "max_steps": 4, "max_seq_len": 64, "batch_size": 4, "eval_every": 2,
          "save_every": 2}
@@ -95,8 +95,8 @@ def test_sequence_length_past_the_models_positions_is_refused(tmp_path) -> None:
 def test_precision_literals_match_the_precisions_te_llama_implements() -> None:
     from typing import get_args
 
-    from te_llama.finetune_config import Precision
     from te_llama.precision import PRECISIONS
+    from te_llama.train.config import Precision
 
     assert get_args(Precision) == ("auto", *PRECISIONS)
 
@@ -142,7 +142,7 @@ def test_overwrite_refuses_the_home_folder_and_parents_of_the_working_directory(
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_rerun(tmp_path, monkeypatch, capsys) -> None:
-    import te_llama.finetune as recipe
+    import te_llama.train.recipe as recipe
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
@@ -163,9 +163,9 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_rerun(
 
 KILL_AT_STEP = """
 import os, signal, sys
-import te_llama.finetune as recipe
-from te_llama.finetune import finetune
-from te_llama.finetune_config import resolve_config
+import te_llama.train.recipe as recipe
+from te_llama.train.recipe import finetune
+from te_llama.train.config import resolve_config
 real_loss, calls = recipe.causal_lm_loss, []
 def loss_then_die(*args, **kwargs):
     calls.append(1)
@@ -268,7 +268,7 @@ def test_a_hub_id_that_cannot_be_fetched_says_how_to_get_it(tmp_path, monkeypatc
 def test_checkpoint_code_is_never_run(tmp_path) -> None:
     """A checkpoint folder whose config and tokenizer name custom code (auto_map): loaded with
     transformers' own Llama classes, the custom module never imported."""
-    from te_llama.builtin import builtin_model, builtin_tokenizer
+    from te_llama.model.builtin import builtin_model, builtin_tokenizer
 
     folder, marker = tmp_path / "ckpt", tmp_path / "code-ran"
     tokenizer = builtin_tokenizer()

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+from hf_configs import ARCHITECTURES
 from transformers import GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-from hf_configs import ARCHITECTURES
 from te_llama import ArchitectureSpec, UnsupportedArchitectureError
 
 

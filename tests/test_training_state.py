@@ -21,10 +21,9 @@ import torch.distributed as dist
 from torch import nn
 from transformers import get_scheduler
 
-from te_llama import training_state
 from te_llama.errors import CheckpointError, DiskFullError, TeLlamaError
-from te_llama.parallel import load_sharded_checkpoint, save_sharded_checkpoint
-from te_llama.training_state import (
+from te_llama.train import checkpoints as training_state
+from te_llama.train.checkpoints import (
     Position,
     checkpoints,
     load_checkpoint,
@@ -32,6 +31,7 @@ from te_llama.training_state import (
     sweep_incomplete,
     sweep_interrupted_exports,
 )
+from te_llama.train.parallel import load_sharded_checkpoint, save_sharded_checkpoint
 
 DATA_ONLY = "te-llama loads checkpoints as data only and never runs code from them"
 

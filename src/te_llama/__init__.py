@@ -4,8 +4,6 @@
 only when asked for.
 """
 
-from .checkpoint import from_pretrained, save_pretrained
-from .convert import convert
 from .errors import (
     BackendUnavailableError,
     CheckpointError,
@@ -13,9 +11,11 @@ from .errors import (
     UnsupportedArchitectureError,
     WeightMappingError,
 )
-from .mapping import hf_to_te, te_to_hf
+from .model.convert import convert
+from .model.hf_checkpoint import from_pretrained, save_pretrained
+from .model.mapping import hf_to_te, te_to_hf
+from .model.spec import ArchitectureSpec
 from .precision import PRECISIONS, autocast, keep_layers_in_bf16
-from .spec import ArchitectureSpec
 
 __version__ = "0.1.0"
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM
 
-from .checkpoint import save_pretrained
-from .convert import convert
-from .mapping import te_to_hf
-from .presets import preset_config
-from .spec import ArchitectureSpec
+from .model.convert import convert
+from .model.hf_checkpoint import save_pretrained
+from .model.mapping import te_to_hf
+from .model.presets import preset_config
+from .model.spec import ArchitectureSpec
 
 
 @dataclass

@@ -7,16 +7,16 @@ import ast
 import errno
 import inspect
 import math
-import textwrap
 import sys
+import textwrap
 from dataclasses import fields
 from typing import Literal, get_args, get_origin, get_type_hints
 
 import torch
 
 from .errors import TeLlamaError
-from .faults import TrainingInterrupted
-from .finetune_config import FinetuneConfig
+from .train.config import FinetuneConfig
+from .train.faults import TrainingInterrupted
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -41,8 +41,8 @@ def _check(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     import logging
 
-    from .finetune import finetune
-    from .finetune_config import resolve_config
+    from .train.config import resolve_config
+    from .train.recipe import finetune
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     flags = {f.name: getattr(args, f.name) for f in fields(FinetuneConfig)}

@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from .availability import te_import_error
 from .errors import BackendUnavailableError
 
 PRECISIONS = ("fp32", "bf16", "fp8", "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
@@ -66,7 +67,7 @@ def keep_layers_in_bf16(model: torch.nn.Module, first: int, last: int = 0) -> li
     Why: on the Llama-2-7B shape the first layer in BF16 halves FP8's loss gap to BF16 after 50
     steps, the last layer changes nothing (docs/SPEED_NOTES.md, change 10). Returns the BF16 indices.
     """
-    from .convert import decoder_layers
+    from .model.convert import decoder_layers
 
     layers = decoder_layers(model)
     if first < 0 or last < 0 or first + last > len(layers):
@@ -86,13 +87,12 @@ def check_precision_available(precision: str) -> None:
         return
     if not torch.cuda.is_available():
         raise BackendUnavailableError(f"precision={precision!r} needs an NVIDIA GPU; none is visible (use 'bf16')")
-    try:
-        import transformer_engine.pytorch as te
-    except Exception as exc:
-        raise BackendUnavailableError(
-            f"precision={precision!r} needs Transformer Engine ({type(exc).__name__}: {exc}); "
-            "install it with `pip install 'te-llama[te]'`"
-        ) from exc
+    error = te_import_error()
+    if error:
+        raise BackendUnavailableError(f"precision={precision!r} needs Transformer Engine ({error}); "
+                                      "install it with `pip install 'te-llama[te]'`")
+    import transformer_engine.pytorch as te
+
     probe = {"mxfp8": te.is_mxfp8_available, "fp8-block": te.is_fp8_block_scaling_available}.get(
         precision, te.is_fp8_available)
     available, reason = probe(return_reason=True)

@@ -12,7 +12,7 @@ import torch
 from conftest import random_hf_model
 
 import te_llama
-from te_llama.fused_loss import IGNORE_INDEX, _rows_torch, _rows_triton, causal_lm_loss
+from te_llama.train.loss import IGNORE_INDEX, _rows_torch, _rows_triton, causal_lm_loss
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"),

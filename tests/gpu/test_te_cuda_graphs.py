@@ -10,14 +10,14 @@ from conftest import random_hf_model, te_unavailable_reason
 from torch import nn
 
 import te_llama
-from te_llama.batching import collate_packed
-from te_llama.convert import decoder_layers
-from te_llama.cuda_graphs import (
+from te_llama.model.convert import decoder_layers
+from te_llama.train.batching import collate_packed
+from te_llama.train.cuda_graphs import (
     StaticShape,
     capture_cuda_graphs,
     cast_fp8_weights_after_updates,
 )
-from te_llama.layerwise_adamw import LayerwiseAdamW
+from te_llama.train.layerwise_adamw import LayerwiseAdamW
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(te_unavailable_reason() is not None,
                                                   reason=te_unavailable_reason() or "")]
@@ -233,8 +233,8 @@ def test_finetune_default_uses_graphs_and_matches_eager(tmp_path, caplog, grad_a
     """`te-llama finetune` on the built-in model: graphs on (the default) vs --no-cuda-graphs."""
     import logging
 
-    from te_llama.finetune import finetune
-    from te_llama.finetune_config import resolve_config
+    from te_llama.train.config import resolve_config
+    from te_llama.train.recipe import finetune
 
     caplog.set_level(logging.INFO, logger="te_llama")
     results = {}
@@ -254,7 +254,7 @@ def test_finetune_default_uses_graphs_and_matches_eager(tmp_path, caplog, grad_a
 
 def test_released_graphs_train_like_eager(record_metric) -> None:
     """The memory fallback: capture, find no room (forced), release, train eagerly."""
-    from te_llama.cuda_graphs import (
+    from te_llama.train.cuda_graphs import (
         graphs_leave_room,
         installed_graphs,
         release_cuda_graphs,
@@ -279,8 +279,8 @@ def finetune_both_ways(tmp_path, caplog, switch: str, **settings) -> tuple[dict[
     off: the final losses and their relative gap."""
     import logging
 
-    from te_llama.finetune import finetune
-    from te_llama.finetune_config import resolve_config
+    from te_llama.train.config import resolve_config
+    from te_llama.train.recipe import finetune
 
     caplog.set_level(logging.INFO, logger="te_llama")
     results = {}

@@ -23,7 +23,7 @@ MAX_ULPS = 8
 
 @pytest.mark.parametrize("shape", SHAPES, ids=[str(s) for s in SHAPES])
 def test_triton_update_matches_torch_fused_adamw(shape: tuple[int, ...]) -> None:
-    from te_llama.triton_adamw import adamw_update
+    from te_llama.train.triton_adamw import adamw_update
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     start = (0.02 * torch.randn(shape, device="cuda", generator=gen)).to(torch.bfloat16)  # weight-sized
@@ -56,7 +56,7 @@ def test_triton_update_matches_torch_fused_adamw(shape: tuple[int, ...]) -> None
 
 
 def test_triton_update_refuses_mismatched_state() -> None:
-    from te_llama.triton_adamw import adamw_update
+    from te_llama.train.triton_adamw import adamw_update
 
     p = torch.zeros(8, 8, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="exp_avg must be contiguous and shaped"):
@@ -68,8 +68,8 @@ def test_finetune_default_uses_the_triton_kernel(tmp_path, caplog, record_metric
     """`te-llama finetune` (clipping on: AdamW after backward) with the auto kernel vs torch's."""
     import logging
 
-    from te_llama.finetune import finetune
-    from te_llama.finetune_config import resolve_config
+    from te_llama.train.config import resolve_config
+    from te_llama.train.recipe import finetune
 
     caplog.set_level(logging.INFO, logger="te_llama")
     losses = {}

@@ -19,10 +19,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from transformers import AutoModelForCausalLM
 
-from ..fused_loss import causal_lm_loss
-from ..layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
+from ..model.presets import preset_config
 from ..precision import autocast
-from ..presets import preset_config
+from ..train.layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
+from ..train.loss import causal_lm_loss
 from .variants import VARIANTS, Variant, prepare
 
 DENSE_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4,
@@ -97,7 +97,7 @@ def token_batches(settings: BenchSettings, vocab: int, device) -> list[torch.Ten
 
 def sample_text_batches(settings: BenchSettings, device) -> list[torch.Tensor]:
     """Every full batch of rows the bundled samples make (documents joined by EOS, in file order)."""
-    from ..builtin import builtin_tokenizer, training_lines
+    from ..model.builtin import builtin_tokenizer, training_lines
 
     tokenizer = builtin_tokenizer()
     ids = [i for line in training_lines() for i in tokenizer(line)["input_ids"] + [tokenizer.eos_token_id]]
@@ -133,7 +133,7 @@ def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Mo
                                                  attn_implementation="sdpa")
     model = prepare(variant, model).train()
     if variant.cuda_graphs:  # every bench row is one full-length sequence
-        from ..cuda_graphs import StaticShape, capture_cuda_graphs
+        from ..train.cuda_graphs import StaticShape, capture_cuda_graphs
 
         capture_cuda_graphs(model, StaticShape(settings.batch * settings.seq, settings.batch, settings.seq),
                             variant.precision, accumulate_grads=False,  # one backward per step
@@ -148,13 +148,13 @@ def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool, lr: fl
     if variant.optimizer_kernel == "triton" and not variant.overlap_optimizer:  # no layers: AdamW after backward
         return LayerwiseAdamW(model, [], kernel="triton", lr=lr, fused=fused)
     if variant.overlap_optimizer:
-        from ..convert import decoder_layers
+        from ..model.convert import decoder_layers
 
         optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority,
                                    GRAD_BUFFER_SETS if variant.cuda_graphs else 0, variant.optimizer_kernel, lr=lr,
                                    fused=fused)
         if variant.cast_fp8_weights_in_optimizer:
-            from ..cuda_graphs import cast_fp8_weights_after_updates
+            from ..train.cuda_graphs import cast_fp8_weights_after_updates
 
             cast_fp8_weights_after_updates(model, optimizer)
         return optimizer

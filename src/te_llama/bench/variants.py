@@ -31,13 +31,13 @@ class Variant:
     overlap_stream_priority: int = 0
     """That stream's priority (-1: high)."""
     optimizer_kernel: str = "torch"
-    """LayerwiseAdamW's update kernel: "torch" (fused AdamW) or "triton" (te_llama.triton_adamw)."""
+    """LayerwiseAdamW's update kernel: "torch" (fused AdamW) or "triton" (te_llama.train.triton_adamw)."""
     cast_fp8_weights_in_optimizer: bool = False
     """FP8 graphs: LayerwiseAdamW casts each layer's FP8 weights after its update, not the forward."""
     bf16_first_layers: int = 0
     """FP8: this many first decoder layers run in BF16 (`te_llama.keep_layers_in_bf16`)."""
     fused_loss: bool = False
-    """The loss through `te_llama.fused_loss` (lm_head + cross-entropy without FP32 logits), not HF's."""
+    """The loss through `te_llama.train.loss` (lm_head + cross-entropy without FP32 logits), not HF's."""
 
 
 def _te_variant(precision: str) -> Variant:
@@ -74,7 +74,7 @@ def _te_graphs_variants(precision: str) -> list[Variant]:
               for n in ((1, 2, 4, 6, 8) if precision != "bf16" else ())],
             Variant(f"te-{precision}-graphs-overlap-triton-fusedce", f"te-llama TE layers as CUDA graphs, {label}, "
                     "AdamW per layer (Triton kernel) overlapping backward, lm_head + cross-entropy fused "
-                    "(te_llama.fused_loss)", (*needs, "triton"), precision, cuda_graphs=True, overlap_optimizer=True,
+                    "(te_llama.train.loss)", (*needs, "triton"), precision, cuda_graphs=True, overlap_optimizer=True,
                     optimizer_kernel="triton", fused_loss=True)]
 
 
@@ -89,7 +89,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     *[_te_variant(p) for p in FP8_PRECISIONS],
     *[v for p in ("bf16", *FP8_PRECISIONS) for v in _te_graphs_variants(p)],
     Variant("reference", "te-llama reference layers (pure PyTorch), float32 on CPU", (), "fp32"),
-    Variant("reference-fusedce", "te-llama reference layers, float32 on CPU, loss through te_llama.fused_loss",
+    Variant("reference-fusedce", "te-llama reference layers, float32 on CPU, loss through te_llama.train.loss",
             (), "fp32", fused_loss=True),
     Variant("hf-cpu", "transformers as is, float32 on CPU (harness checks)", (), "fp32"),
 ]}
@@ -143,7 +143,7 @@ def _apply_torchao_fp8(model):
 
 def prepare(variant: Variant, model) -> torch.nn.Module:
     """The HF model as this variant trains it."""
-    from ..convert import convert
+    from ..model.convert import convert
 
     prepare_fn: dict[str, Callable] = {
         "hf": lambda m: m, "hf-cpu": lambda m: m, "hf-compile": torch.compile,

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
-from .errors import WeightMappingError
+from ..errors import WeightMappingError
 from .spec import ArchitectureSpec
 
 LAYER_PREFIX = "model.layers."
@@ -178,7 +178,7 @@ def te_layer_to_hf(tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec, 
         if bias is not None and bool(torch.count_nonzero(bias)):
             raise WeightMappingError(
                 f"{where}{name} is non-zero, but this {spec.model_type} model has no such bias in HF "
-                "format; it must stay frozen at zero (te_llama.convert freezes it)"
+                "format; it must stay frozen at zero (te_llama.model.convert freezes it)"
             )
     expected = {k: v for k, v in te_layer_shapes(spec, fuse_qkv).items() if k not in zero_biases}
     _check_shapes(tensors, expected, where)

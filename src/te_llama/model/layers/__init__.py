@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import BackendUnavailableError
+from ...availability import te_import_error
+from ...errors import BackendUnavailableError
 from ..spec import ArchitectureSpec
 from .hf_adapter import HFDecoderAdapter, ModelContext
 
@@ -33,12 +34,11 @@ def build_decoder_layer(backend: str, spec: ArchitectureSpec, layer_index: int, 
 
 def require_te() -> None:
     """Raise a clear error when Transformer Engine cannot be used here."""
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception as exc:  # ImportError, or a broken CUDA install raising at import
+    error = te_import_error()
+    if error:
         raise BackendUnavailableError(
-            f"backend='te' needs NVIDIA Transformer Engine with CUDA ({type(exc).__name__}: {exc}); "
+            f"backend='te' needs NVIDIA Transformer Engine with CUDA ({error}); "
             "install it with `pip install 'te-llama[te]'` on a CUDA machine, or use backend='reference'"
-        ) from exc
+        )
     if not torch.cuda.is_available():
         raise BackendUnavailableError("backend='te' needs a CUDA GPU; none is visible (use backend='reference')")

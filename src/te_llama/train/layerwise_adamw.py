@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..availability import triton_available
 from . import triton_adamw
 
 GRAD_BUFFER_SETS = 2
@@ -55,7 +56,7 @@ class LayerwiseAdamW(torch.optim.AdamW):
         if kernel == "triton":
             if adamw_kwargs.get("amsgrad") or adamw_kwargs.get("maximize"):
                 raise ValueError("kernel='triton' implements plain AdamW (no amsgrad, no maximize); use kernel='torch'")
-            if not triton_adamw.available(groups[0]["params"][0].device):
+            if not triton_available(groups[0]["params"][0].device):
                 raise ValueError("kernel='triton' needs a CUDA GPU and Triton; use kernel='torch'")
             adamw_kwargs = adamw_kwargs | {"fused": False, "foreach": False}  # state kept as non-fused AdamW's
         self._kernel = kernel
@@ -71,7 +72,7 @@ class LayerwiseAdamW(torch.optim.AdamW):
         self._layers = [layer for layer, params in zip(layers, layer_groups) if params]  # group i's layer
         self.after_layer_update: Callable[[nn.Module], None] | None = None
         """Called with each layer right after its update, on the stream that ran it (e.g. to cast
-        the new weights to FP8 there: `te_llama.fp8_weight_cache`)."""
+        the new weights to FP8 there: `te_llama.train.fp8_weight_cache`)."""
         for index, layer in enumerate(self._layers):
             self._hooks.append(layer.register_forward_pre_hook(
                 functools.partial(self._watch_layer_input, index), with_kwargs=True))

@@ -19,7 +19,18 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, get_scheduler
 
-from . import triton_adamw
+from ..availability import te_available, triton_available
+from ..model.builtin import SAMPLE_TEXT, asset_path, builtin_model, builtin_tokenizer
+from ..model.convert import convert, decoder_layers
+from ..model.hf_checkpoint import from_pretrained, save_pretrained
+from ..model.presets import preset_config
+from ..model.source import resolve_model
+from ..precision import (
+    FP8_PRECISIONS,
+    autocast,
+    check_precision_available,
+    keep_layers_in_bf16,
+)
 from .batching import (
     Batch,
     collate_packed,
@@ -27,9 +38,15 @@ from .batching import (
     max_docs_per_batch,
     plan_epoch,
 )
-from .builtin import SAMPLE_TEXT, asset_path, builtin_model, builtin_tokenizer
-from .checkpoint import from_pretrained, save_pretrained
-from .convert import convert, decoder_layers
+from .checkpoints import (
+    Position,
+    checkpoints,
+    load_checkpoint,
+    save_checkpoint,
+    sweep_incomplete,
+    sweep_interrupted_exports,
+)
+from .config import ConfigError, FinetuneConfig
 from .cuda_graphs import (
     StaticShape,
     capture_cuda_graphs,
@@ -41,11 +58,9 @@ from .cuda_graphs import (
 )
 from .data import DataError, DataReport, data_fingerprint, load_examples, split_eval
 from .faults import StopRequests, TrainingInterrupted, out_of_memory, signal_name
-from .finetune_config import ConfigError, FinetuneConfig
-from .fused_loss import causal_lm_loss
 from .layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
+from .loss import causal_lm_loss
 from .metrics import MetricsLog, plot_metrics, read_metrics
-from .model_source import resolve_model
 from .parallel import (
     full_state_dict,
     grad_norm_value,
@@ -54,26 +69,11 @@ from .parallel import (
     save_sharded_checkpoint,
     shard_fsdp2,
 )
-from .precision import (
-    FP8_PRECISIONS,
-    autocast,
-    check_precision_available,
-    keep_layers_in_bf16,
-)
-from .presets import preset_config
 from .run_dir import (
     check_output_dir,
     check_resume_fingerprint,
     prepare_output_dir,
     resume_command,
-)
-from .training_state import (
-    Position,
-    checkpoints,
-    load_checkpoint,
-    save_checkpoint,
-    sweep_incomplete,
-    sweep_interrupted_exports,
 )
 
 logger = logging.getLogger(__name__)
@@ -98,18 +98,10 @@ class Runtime:
     param_dtype: torch.dtype
 
 
-def _te_importable() -> bool:
-    try:
-        import transformer_engine.pytorch  # noqa: F401
-    except Exception:  # noqa: BLE001
-        return False
-    return True
-
-
 def resolve_runtime(config: FinetuneConfig) -> Runtime:
     """'auto' resolved for this machine; combinations that cannot run here refused with the fix."""
     cuda = torch.cuda.is_available()
-    backend = config.backend if config.backend != "auto" else ("te" if cuda and _te_importable() else "reference")
+    backend = config.backend if config.backend != "auto" else ("te" if cuda and te_available() else "reference")
     precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
     if precision in FP8_PRECISIONS and backend != "te":
         raise ConfigError(f"--precision {precision} needs --backend te (FP8 GEMMs are Transformer Engine's)")
@@ -268,11 +260,11 @@ def optimizer_kernel(config: FinetuneConfig, runtime: Runtime) -> str:
     """The AdamW update kernel this run uses ("auto": Triton's where it runs)."""
     if config.optimizer_kernel == "triton" and config.parallel == "fsdp2":
         raise ValueError("optimizer_kernel='triton' updates plain tensors; FSDP2 shards them (use 'torch')")
-    if config.optimizer_kernel == "triton" and not triton_adamw.available(runtime.device):
+    if config.optimizer_kernel == "triton" and not triton_available(runtime.device):
         raise ValueError("optimizer_kernel='triton' needs a CUDA GPU and Triton (pip install triton); use 'torch'")
     if config.optimizer_kernel != "auto":
         return config.optimizer_kernel
-    return "triton" if triton_adamw.available(runtime.device) and config.parallel != "fsdp2" else "torch"
+    return "triton" if triton_available(runtime.device) and config.parallel != "fsdp2" else "torch"
 
 
 def make_optimizer(config: FinetuneConfig, runtime: Runtime, model, params: list,

@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from .checkpoint import (
+from ..errors import CheckpointError
+from ..model.hf_checkpoint import (
     follow_umask,
     make_staging_dir,
     removed_on_failure,
     sweep_interrupted_save,
 )
-from .errors import CheckpointError
-from .mapping import TE_EXTRA_STATE_SUFFIX
+from ..model.mapping import TE_EXTRA_STATE_SUFFIX
 
 logger = logging.getLogger(__name__)
 STATE_FILE = "state.pt"

@@ -29,8 +29,8 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from ..errors import CheckpointError, DiskFullError, WeightMappingError
 from .convert import conversion_of, decoder_layers, install_layers, load_layer_weights
-from .errors import CheckpointError, DiskFullError, WeightMappingError
 from .mapping import LAYER_PREFIX, split_layer_key, stream_hf_to_te, te_layer_to_hf
 from .spec import ArchitectureSpec
 

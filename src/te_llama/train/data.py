@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import TeLlamaError
+from ..errors import TeLlamaError
 
 logger = logging.getLogger(__name__)
 IGNORE_INDEX = -100

@@ -6,28 +6,18 @@ kernel over each (large) tensor streams at close to copy bandwidth. Same math as
 `torch.optim.AdamW` (decoupled weight decay, bias correction, FP32 arithmetic, stored in the
 tensors' dtype); results can differ from torch's kernel in the last bit of BF16 rounding.
 
-Triton is imported on first use only (CUDA machines); `available()` says whether it can run.
+Triton is imported on first use only (CUDA machines); `te_llama.availability.triton_available`
+says whether it can run.
 """
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import math
 
 import torch
 
 BLOCK = 4096
-
-
-@functools.cache
-def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def available(device: torch.device) -> bool:
-    """Whether Triton kernels can run on `device` (cheap: asked every training step)."""
-    return device.type == "cuda" and _triton_installed()
 
 
 @functools.cache

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .convert import CONVERSION_ATTR, decoder_layers
-from .errors import BackendUnavailableError
+from ..errors import BackendUnavailableError
+from ..model.convert import CONVERSION_ATTR, decoder_layers
+from ..model.token_layout import TokenLayout
+from ..precision import FP8_PRECISIONS, check_precision_available, make_recipe
 from .fp8_weight_cache import FP8WeightCache, collect_fp8_weight_cache
-from .precision import FP8_PRECISIONS, check_precision_available, make_recipe
-from .token_layout import TokenLayout
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +104,15 @@ class GraphedLayers:
         self._cu_cache: tuple[TokenLayout, torch.Tensor] | None = None
         self.eager_batches = 0
         """Training forwards that did not fit the captured shape and ran eagerly (first one logged)."""
+
+    def __call__(self, layer: nn.Module, tokens: torch.Tensor, layout: TokenLayout) -> torch.Tensor | None:
+        """The model's packed runner (ModelContext.packed_runner): replay the layer's graph, or None
+        (run eagerly) when this micro-batch does not have the captured shape."""
+        self.bind_grads(layer)
+        if self.accepts(layout):
+            return self.run(layer, tokens, layout)
+        self.note_eager(layout)
+        return None
 
     def accepts(self, layout: TokenLayout) -> bool:
         """True when this micro-batch has the captured shape (checked on the host, no sync)."""
@@ -262,11 +271,12 @@ def write_wgrads_in_place(layers: list[nn.Module], accumulate: bool,
 
 def install_graphs(model: nn.Module, graphs: GraphedLayers | None) -> None:
     """Route the model's training forwards through `graphs` (None: back to eager)."""
-    decoder_layers(model)[0].context.graphs = graphs
+    decoder_layers(model)[0].context.packed_runner = graphs
 
 
 def installed_graphs(model: nn.Module) -> GraphedLayers | None:
-    return decoder_layers(model)[0].context.graphs
+    runner = decoder_layers(model)[0].context.packed_runner
+    return runner if isinstance(runner, GraphedLayers) else None
 
 
 def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, accumulate_grads: bool = True,

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import json
 import math
-import tomllib
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin, get_type_hints
 
+import tomllib
 import yaml
 
-from .errors import TeLlamaError
+from ..errors import TeLlamaError
 
 Backend = Literal["auto", "te", "reference", "hf"]
 Precision = Literal["auto", "fp32", "bf16", "fp8", "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
@@ -86,15 +86,15 @@ class FinetuneConfig:
     overlap_optimizer: bool = True
     """Update each decoder layer during backward on a second CUDA stream (LayerwiseAdamW), overlapping AdamW with the backward's GEMMs; with CUDA graphs the layers' weight gradients then share two buffers. Only where that equals AdamW after backward: grad_accum 1, max_grad_norm 0, one process, no activation checkpointing (otherwise plain AdamW, logged)."""
     fp8_weight_cache: bool = False
-    """FP8 with CUDA graphs and the overlapped optimizer: cast each layer's weights to FP8 right after its update, on the optimizer's stream, instead of in the next forward (te_llama.fp8_weight_cache). Same training; measured no faster on a 7B (docs/SPEED_NOTES.md, change 8), so off by default."""
+    """FP8 with CUDA graphs and the overlapped optimizer: cast each layer's weights to FP8 right after its update, on the optimizer's stream, instead of in the next forward (te_llama.train.fp8_weight_cache). Same training; measured no faster on a 7B (docs/SPEED_NOTES.md, change 8), so off by default."""
     fused_loss: bool = True
-    """Compute the loss with te_llama.fused_loss: the lm_head GEMM and cross-entropy without FP32 logits (less memory, fewer passes over a 32k-128k vocabulary). Backends te and reference, one process; otherwise transformers' own loss (logged)."""
+    """Compute the loss with te_llama.train.loss: the lm_head GEMM and cross-entropy without FP32 logits (less memory, fewer passes over a 32k-128k vocabulary). Backends te and reference, one process; otherwise transformers' own loss (logged)."""
     bf16_first_layers: int = 0
     """FP8 precisions: run this many first decoder layers in BF16 (most of FP8's slower learning comes from them: docs/SPEED_NOTES.md, change 10)."""
     bf16_last_layers: int = 0
     """FP8 precisions: run this many last decoder layers in BF16."""
     optimizer_kernel: OptimizerKernel = "auto"
-    """AdamW's update kernel: "torch" (fused AdamW), "triton" (te_llama.triton_adamw: ~25% faster on a 7B; CUDA, not FSDP2), or "auto" (triton where it runs)."""
+    """AdamW's update kernel: "torch" (fused AdamW), "triton" (te_llama.train.triton_adamw: ~25% faster on a 7B; CUDA, not FSDP2), or "auto" (triton where it runs)."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward: less memory, about a third more compute."""
     seed: int = 0

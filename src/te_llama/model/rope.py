@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-from .errors import UnsupportedArchitectureError
+from ..errors import UnsupportedArchitectureError
 from .spec import ArchitectureSpec
 
 

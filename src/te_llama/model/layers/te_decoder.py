@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import transformer_engine.pytorch as te
 
-from ..errors import UnsupportedArchitectureError
+from ...errors import UnsupportedArchitectureError
 from ..spec import ArchitectureSpec
 from .hf_adapter import HFDecoderAdapter
 

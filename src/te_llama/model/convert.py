@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .errors import WeightMappingError
+from ..errors import WeightMappingError
 from .layers import BACKENDS, TOKEN_MULTIPLE, build_decoder_layer, require_te
 from .layers.hf_adapter import ModelContext
 from .mapping import hf_layer_to_te, te_zero_biases
@@ -39,7 +39,7 @@ class Conversion:
 def conversion_of(model: nn.Module) -> Conversion:
     info = getattr(model, CONVERSION_ATTR, None)
     if info is None:
-        raise ValueError("this model was not converted by te_llama.convert / te_llama.from_pretrained")
+        raise ValueError("this model was not converted by te_llama.model.convert / te_llama.from_pretrained")
     return info
 
 

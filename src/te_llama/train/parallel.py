@@ -33,10 +33,10 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.fsdp import fully_shard
 
-from .checkpoint import DISK_FULL_ERRNOS, removed_on_failure
-from .convert import decoder_layers
-from .errors import BackendUnavailableError, CheckpointError
-from .training_state import (
+from ..errors import BackendUnavailableError, CheckpointError
+from ..model.convert import decoder_layers
+from ..model.hf_checkpoint import DISK_FULL_ERRNOS, removed_on_failure
+from .checkpoints import (
     PREFIX,
     Position,
     extra_state_vetted,

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .triton_adamw import available as triton_available
+from ..availability import triton_available
 
 IGNORE_INDEX = -100
 BLOCK = 4096

@@ -15,7 +15,7 @@ from types import FrameType
 
 import torch
 
-from .errors import TeLlamaError
+from ..errors import TeLlamaError
 
 logger = logging.getLogger(__name__)
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)

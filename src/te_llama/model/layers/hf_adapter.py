@@ -8,17 +8,17 @@ forward, and unpacks. Mixed in first, before `te.TransformerLayer` or the refere
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from ..rope import RotaryAngles
 from ..spec import ArchitectureSpec
-from ..token_layout import LayoutCache
+from ..token_layout import LayoutCache, TokenLayout
 
-if TYPE_CHECKING:
-    from ..cuda_graphs import GraphedLayers
+PackedRunner = Callable[[torch.nn.Module, torch.Tensor, TokenLayout], "torch.Tensor | None"]
 
 
 class ModelContext:
@@ -27,8 +27,9 @@ class ModelContext:
     def __init__(self, hf_config: Any, spec: ArchitectureSpec, pad_multiple: int = 1) -> None:
         self.rope = RotaryAngles(hf_config, spec)
         self.layouts = LayoutCache(pad_multiple)
-        self.graphs: GraphedLayers | None = None
-        """Set by `te_llama.cuda_graphs.capture_cuda_graphs`."""
+        self.packed_runner: PackedRunner | None = None
+        """Set from outside to run a training layer's packed tokens another way (te_llama.train.cuda_graphs
+        replays CUDA graphs); it returns the layer's output, or None to run the layer eagerly."""
 
 
 class HFDecoderAdapter(GradientCheckpointingLayer):
@@ -50,12 +51,11 @@ class HFDecoderAdapter(GradientCheckpointingLayer):
             )
         layout = self.context.layouts.get(hidden_states, attention_mask, position_ids, cu_seq_lens_q, max_length_q)
         tokens = layout.pack(hidden_states)  # (t, h)
-        graphs = self.context.graphs
-        if graphs is not None and self.training and torch.is_grad_enabled():
-            graphs.bind_grads(self)
-            if graphs.accepts(layout):
-                return layout.unpack(graphs.run(self, tokens, layout))
-            graphs.note_eager(layout)
+        runner = self.context.packed_runner
+        if runner is not None and self.training and torch.is_grad_enabled():
+            out = runner(self, tokens, layout)
+            if out is not None:
+                return layout.unpack(out)
         angles = self.context.rope.table(max(layout.max_seqlen, 1), hidden_states.device)
         return layout.unpack(self.forward_packed(tokens, layout.cu_seqlens, layout.max_seqlen, angles))  # (b, s, h)
 

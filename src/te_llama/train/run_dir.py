@@ -16,9 +16,9 @@ import sys
 from dataclasses import asdict, fields
 from pathlib import Path
 
-from .errors import TeLlamaError
-from .finetune_config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
-from .training_state import checkpoints
+from ..errors import TeLlamaError
+from .checkpoints import checkpoints
+from .config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
 
 logger = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
