@@ -1,11 +1,14 @@
 """Where a training step's milliseconds go: torch.profiler over a few steps, kernels by category.
 
-    python3 scripts/profile_step.py --variant te-bf16 te-fp8 hf --preset llama2-7b --batch 8 --seq 256
+    python3 scripts/profile_step.py --variant te-default te-fp8-fast hf --preset llama2-7b --batch 8 --seq 256
+
+Each variant is a `te-llama bench` row: the step profiled is the finetune step the bench times.
 
 Categories come from kernel names (GEMM, attention, optimizer, norm, RoPE, FP8 cast/amax,
 loss/softmax, other elementwise). "idle" = step wall time minus GPU busy time (launch gaps,
-host syncs). With an -overlap variant, kernels of two streams run at once: busy can exceed
-the step and "idle" goes negative; each category then counts its kernels' own durations.
+host syncs). With the overlapped optimizer (te-bf16-fast, te-fp8-fast), kernels of two streams
+run at once: busy can exceed the step and "idle" goes negative; each category then counts its
+kernels' own durations.
 """
 
 from __future__ import annotations
@@ -36,60 +39,26 @@ def categorize(name: str) -> str:
     return next((cat for cat, pattern in CATEGORIES if re.search(pattern, lowered)), "other")
 
 
-def phase_times(model, opt, ids, extra: dict, variant, steps: int) -> dict[str, float]:
-    """Median ms of forward, backward and optimizer.step() on the main stream (CUDA events, no
-    profiler): with the overlapped optimizer, what its side stream adds to the backward shows here."""
-    from te_llama.bench.measure import training_loss
-    from te_llama.precision import autocast
-
-    samples: dict[str, list[float]] = {"forward": [], "backward": [], "step": []}
-    for _ in range(steps):
-        marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)]
-        marks[0].record()
-        with autocast(variant.precision):
-            loss = training_loss(model, variant, ids, extra)
-        marks[1].record()
-        loss.backward()
-        marks[2].record()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        marks[3].record()
-        torch.cuda.synchronize()
-        for name, a, b in (("forward", 0, 1), ("backward", 1, 2), ("step", 2, 3)):
-            samples[name].append(marks[a].elapsed_time(marks[b]))
-    return {name: sorted(values)[len(values) // 2] for name, values in samples.items()}
-
-
 def profile(variant: str, preset: str, batch: int, seq: int, steps: int) -> dict:
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from te_llama.bench.measure import (
-        BenchSettings,
-        build_model,
-        make_optimizer,
-        training_loss,
-    )
+    from te_llama.bench.measure import BenchSettings, build_step, micro_batches, token_batches
     from te_llama.bench.variants import VARIANTS
-    from te_llama.precision import autocast
 
     v = VARIANTS[variant]
     settings = BenchSettings(preset=preset, batch=batch, seq=seq)
-    model, extra = build_model(variant, settings)
-    opt = make_optimizer(model, v, fused=True, lr=settings.lr)  # the bench's own optimizer (LayerwiseAdamW for -overlap)
-    ids = torch.randint(0, model.config.vocab_size, (batch, seq), device="cuda")
+    train_step, _ = build_step(v, settings)
+    rows = token_batches(settings, train_step.raw_model.config.vocab_size, torch.device("cpu"))
+    batches = micro_batches(rows[:1], v, train_step.graph_shape.tokens if train_step.graph_shape else None)
 
     def step():
-        with autocast(v.precision):
-            loss = training_loss(model, v, ids, extra)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        loss, _ = train_step(batches)
+        float(loss)  # the finetune loop reads the loss every step
 
     for _ in range(4):
         step()
     torch.cuda.synchronize()
-    phases = phase_times(model, opt, ids, extra, v, steps=10)
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start.record()
@@ -109,13 +78,13 @@ def profile(variant: str, preset: str, batch: int, seq: int, steps: int) -> dict
         top.append((evt.key[:90], ms))
     busy = sum(by_cat.values())
     top.sort(key=lambda x: -x[1])
-    return {"variant": variant, "step_ms": wall, "busy_ms": busy, "idle_ms": wall - busy, "phases": phases,
+    return {"variant": variant, "step_ms": wall, "busy_ms": busy, "idle_ms": wall - busy,
             "categories": dict(sorted(by_cat.items(), key=lambda x: -x[1])), "top": top[:25]}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variant", nargs="+", default=["te-bf16", "te-fp8"])
+    parser.add_argument("--variant", nargs="+", default=["te-default", "te-fp8-fast"])
     parser.add_argument("--preset", default="llama2-7b")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
@@ -135,7 +104,6 @@ def main() -> None:
             continue
         r = json.loads(lines[-1])
         print(f"\n== {variant}: step {r['step_ms']:.1f} ms, GPU busy {r['busy_ms']:.1f}, idle {r['idle_ms']:.1f}")
-        print("   phases (median ms, no profiler): " + ", ".join(f"{k} {ms:.1f}" for k, ms in r["phases"].items()))
         for cat, ms in r["categories"].items():
             print(f"   {cat:<14} {ms:7.1f} ms")
         for name, ms in r["top"][:20]:

@@ -25,11 +25,11 @@ def test_unknown_variant_is_named() -> None:
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU skip reason")
 def test_gpu_variants_are_skipped_with_the_reason(tmp_path) -> None:
-    report = run_bench(["hf-cpu", "reference", "te-bf16", "hf-torchao-fp8"], TINY, tmp_path, progress=lambda _: None)
+    report = run_bench(["hf", "reference", "te-default", "hf-torchao-fp8"], TINY, tmp_path, progress=lambda _: None)
     by_name = {r["variant"]: r for r in report["results"]}
-    assert by_name["te-bf16"] == {**by_name["te-bf16"], "status": "skipped", "reason": "no CUDA GPU"}
+    assert by_name["te-default"] == {**by_name["te-default"], "status": "skipped", "reason": "no CUDA GPU"}
     assert by_name["hf-torchao-fp8"]["status"] == "skipped"
-    assert by_name["hf-cpu"]["status"] == by_name["reference"]["status"] == "ok"
+    assert by_name["hf"]["status"] == by_name["reference"]["status"] == "ok"
 
 
 def test_missing_library_is_a_skip_reason(monkeypatch) -> None:
@@ -42,7 +42,7 @@ def test_missing_library_is_a_skip_reason(monkeypatch) -> None:
 
 
 def test_result_schema_reports_and_same_loss_on_same_weights(tmp_path) -> None:
-    report = run_bench(["hf-cpu", "reference"], TINY, tmp_path, progress=lambda _: None)
+    report = run_bench(["hf", "reference"], TINY, tmp_path, progress=lambda _: None)
     assert set(report) == {"settings", "environment", "results"}
     assert report["environment"]["torch"] == torch.__version__
     for row in report["results"]:
@@ -57,7 +57,7 @@ def test_result_schema_reports_and_same_loss_on_same_weights(tmp_path) -> None:
 
 
 def test_a_variant_that_fails_is_reported_not_raised() -> None:
-    result = _run_variant("hf-cpu", TINY, timeout_s=0.01)
+    result = _run_variant("hf", TINY, timeout_s=0.01)
     assert result.status == "failed" and "timed out" in result.reason
 
 
@@ -99,23 +99,58 @@ def test_sample_data_batches_are_the_bundled_text_and_train() -> None:
         token_batches(BenchSettings(data="zeros"), 512, torch.device("cpu"))
 
 
-def test_fused_loss_variant_trains_like_hf_loss() -> None:
+def test_fused_loss_option_trains_like_hf_loss() -> None:
     from te_llama.bench.measure import measure
 
     settings = BenchSettings(preset="tiny-llama", batch=2, seq=32, steps=4, warmup=1)
-    want, got = measure("reference", settings), measure("reference-fusedce", settings)
+    want = measure("reference", BenchSettings(**{**settings.__dict__, "options": {"fused_loss": False}}))
+    got = measure("reference", settings)  # the fused loss: finetune's default on this backend
     assert len(got.losses) == len(want.losses) == 5
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(want.losses), atol=1e-4, rtol=0)
 
 
-def test_learning_rate_setting_reaches_the_optimizer_and_the_report_title() -> None:
-    from te_llama.bench.measure import make_optimizer
+def test_rows_are_finetune_configurations_with_the_bench_options_passed_through() -> None:
+    from te_llama.bench.measure import row_config
+    from te_llama.train.config import FinetuneConfig
 
-    model = torch.nn.Linear(2, 2)
-    assert make_optimizer(model, VARIANTS["hf-cpu"], fused=False, lr=3e-4).param_groups[0]["lr"] == 3e-4
+    settings = BenchSettings(batch=4, seq=128, steps=5, warmup=2, lr=3e-4,
+                             options={"precision": "fp8", "max_grad_norm": 0.0})
+    default = row_config(VARIANTS["te-default"], BenchSettings(batch=4, seq=128, steps=5, warmup=2))
+    assert default == FinetuneConfig(backend="te", batch_size=4, max_seq_len=128, max_steps=7, learning_rate=1e-5,
+                                      tensorboard=False)  # finetune's defaults otherwise
+    ours, peer = row_config(VARIANTS["te-default"], settings), row_config(VARIANTS["hf"], settings)
+    assert (ours.precision, ours.max_grad_norm, ours.learning_rate) == ("fp8", 0.0, 3e-4)
+    assert (peer.precision, peer.max_grad_norm, peer.backend, peer.packing) == ("auto", 0.0, "hf", False)
     report = {"settings": {"preset": "p", "batch": 1, "seq": 2, "steps": 3, "warmup": 1, "lr": 1e-4},
               "environment": {}, "results": []}
     assert "lr 0.0001" in render_table(report)
+
+
+def test_the_bench_times_the_finetune_step(monkeypatch) -> None:
+    """Each row's step comes from te_llama.train.step.build_train_step, as in te-llama finetune."""
+    import te_llama.bench.measure as measure_module
+    from te_llama.train import step as step_module
+
+    built = []
+
+    def recording(config, *args, **kwargs):
+        built.append(config)
+        return step_module.build_train_step(config, *args, **kwargs)
+
+    monkeypatch.setattr(measure_module, "build_train_step", recording)
+    settings = BenchSettings(preset="tiny-llama", batch=2, seq=32, steps=2, warmup=1)
+    assert measure_module.measure("reference", settings).status == "ok"
+    assert built == [measure_module.row_config(VARIANTS["reference"], settings)]
+
+
+def test_the_variant_list_is_short_and_described(capsys) -> None:
+    from te_llama.cli import main
+
+    assert main(["bench", "--list"]) == 0
+    names = capsys.readouterr().out.split()
+    assert names == list(VARIANTS) and 5 <= len(names) <= 12
+    assert main(["bench", "--list", "-v"]) == 0
+    assert all(len(line.split(maxsplit=1)) == 2 for line in capsys.readouterr().out.splitlines())
 
 
 def test_last_pass_loss_averages_one_step_per_distinct_batch() -> None:
@@ -124,6 +159,6 @@ def test_last_pass_loss_averages_one_step_per_distinct_batch() -> None:
     assert last_pass_mean([9.0, 4.0, 1.0, 2.0, 3.0], 3) == pytest.approx(2.0)
     assert last_pass_mean([9.0, 4.0], 3) is None
     settings = BenchSettings(preset="tiny-llama", batch=2, seq=32, steps=5, warmup=1, distinct_batches=4)
-    result = _run_variant("hf-cpu", settings, timeout_s=300)
+    result = _run_variant("hf", settings, timeout_s=300)
     assert len(result.losses) == 6
     assert result.last_pass_loss == pytest.approx(sum(result.losses[-4:]) / 4)

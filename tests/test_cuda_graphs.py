@@ -1,8 +1,9 @@
 """The fixed-shape path that CUDA graphs replay, checked eagerly on the CPU reference layers.
 
-Capture itself needs CUDA and TE (tests/gpu/test_cuda_graphs.py); everything around it is ours
+Capture itself needs CUDA and TE (tests/gpu/test_te_cuda_graphs.py); everything around it is ours
 and runs here: rows padded to the token budget with padding documents, `cu_seqlens` padded
-with zero-length documents, the per-layer fixed-argument call, and the routing in the adapter.
+with zero-length documents, the per-layer fixed-argument call, the routing in the adapter, and
+when FP8 replays are told to cast their weights.
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ import copy
 import pytest
 import torch
 from conftest import random_hf_model
+from torch import nn
 
 import te_llama
 from te_llama.errors import BackendUnavailableError
+from te_llama.model.convert import decoder_layers
 from te_llama.train.batching import collate_packed, max_docs_per_batch
 from te_llama.train.cuda_graphs import (
     GraphedLayers,
@@ -28,6 +31,7 @@ from te_llama.train.cuda_graphs import (
     static_layer_calls,
 )
 from te_llama.train.data import IGNORE_INDEX
+from te_llama.train.layerwise_adamw import LayerwiseAdamW
 
 LOGITS_ATOL = 1e-5  # float32, same math, different document count: summation order only
 
@@ -136,3 +140,48 @@ def test_shared_buffer_sets_are_one_layer_each_and_refuse_unequal_layers() -> No
     layers[3][1] = torch.nn.Parameter(torch.randn(4, 5))
     with pytest.raises(ValueError, match="layer 3"):
         shared_buffer_sets(layers, 2)
+
+
+def recording_fp8_model(calls_seen: list[dict]) -> nn.Module:
+    """A reference model on the fixed-shape path whose FP8 'graphs' record the keyword arguments they get."""
+    model = te_llama.convert(random_hf_model("llama2-mha"), backend="reference", fuse_qkv=True).train()
+    shape, padded, calls = static_layer_calls(model, StaticShape(tokens=32, max_docs=4, max_seqlen=16))
+
+    def recording(call):
+        def run(tokens, cu_seqlens, **kwargs):
+            calls_seen.append(kwargs)
+            return call(tokens, cu_seqlens)
+        return run
+
+    install_graphs(model, GraphedLayers(shape, padded, {k: recording(c) for k, c in calls.items()}, "fp8"))
+    return model
+
+
+@pytest.mark.parametrize("layerwise", [False, True])
+def test_graphs_cast_only_in_the_first_forward_after_an_optimizer_step(layerwise: bool) -> None:
+    """Untracked, every FP8 replay casts its weights. track_weight_updates: micro-batches after the
+    first one of a step reuse the FP8 copies; any optimizer.step() (AdamW or LayerwiseAdamW) makes
+    the next forward cast again."""
+    seen: list[dict] = []
+    model = recording_fp8_model(seen)
+    ids = torch.randint(0, 50, (2, 16))
+    model(input_ids=ids, labels=ids)
+    model(input_ids=ids, labels=ids)
+    assert seen and all(kw == {"is_first_microbatch": True} for kw in seen), "untracked: every replay casts"
+    seen.clear()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = LayerwiseAdamW(model, [], lr=1e-2) if layerwise else torch.optim.AdamW(params, lr=1e-2)
+    installed_graphs(model).track_weight_updates(optimizer)
+    layers = len(decoder_layers(model))
+
+    def casts_per_forward() -> list[bool]:
+        return [kw["is_first_microbatch"] for kw in seen[::layers]]
+
+    for _ in range(2):  # two steps of two micro-batches
+        for _ in range(2):
+            model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert casts_per_forward() == [True, False, True, False]
+    assert len(seen) == 4 * layers
+    assert all(len({kw["is_first_microbatch"] for kw in seen[i:i + layers]}) == 1 for i in range(0, len(seen), layers))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -21,7 +22,7 @@ from te_llama.model.builtin import (
 )
 from te_llama.train.batching import collate_packed, collate_padded
 from te_llama.train.checkpoints import checkpoints
-from te_llama.train.config import resolve_config
+from te_llama.train.config import ConfigError, resolve_config
 from te_llama.train.metrics import read_metrics
 from te_llama.train.recipe import finetune
 from te_llama.train.run_dir import RunDirectoryError
@@ -124,7 +125,7 @@ KILL_MID_SAVE = textwrap.dedent("""
     import os, signal, sys
     import te_llama.train.checkpoints as ts
     from te_llama.train.recipe import finetune
-    from te_llama.train.config import resolve_config
+    from te_llama.train.config import ConfigError, resolve_config
     real_save, calls = ts.torch.save, []
     def save_then_die(obj, path):
         calls.append(path)
@@ -197,14 +198,14 @@ def test_sequences_longer_than_the_limit(tmp_path) -> None:
 
 
 def test_tokenizer_without_pad_token(tmp_path, monkeypatch) -> None:
-    import te_llama.train.recipe as recipe
+    import te_llama.train.setup as setup
 
     def no_pad():
         tokenizer = builtin_tokenizer()
         tokenizer.pad_token = None
         return tokenizer
 
-    monkeypatch.setattr(recipe, "builtin_tokenizer", no_pad)
+    monkeypatch.setattr(setup, "builtin_tokenizer", no_pad)
     assert run(tmp_path, packing=False, max_steps=2).steps == 2  # falls back to eos as pad
 
     def nothing():
@@ -212,7 +213,7 @@ def test_tokenizer_without_pad_token(tmp_path, monkeypatch) -> None:
         tokenizer.eos_token = None
         return tokenizer
 
-    monkeypatch.setattr(recipe, "builtin_tokenizer", nothing)
+    monkeypatch.setattr(setup, "builtin_tokenizer", nothing)
     with pytest.raises(te_llama.TeLlamaError, match="neither a pad nor an eos token"):
         run(tmp_path, "x", packing=False, max_steps=2)
 
@@ -251,7 +252,9 @@ def test_hf_baseline_backend_runs_and_exports(tmp_path) -> None:
 
 def test_activation_checkpointing_recomputes_layers(monkeypatch) -> None:
     from te_llama.model.layers.reference import ReferenceTransformerLayer
-    from te_llama.train.recipe import FinetuneConfig, Runtime, load_model_and_tokenizer
+    from te_llama.train.config import FinetuneConfig
+    from te_llama.train.setup import load_model_and_tokenizer
+    from te_llama.train.step import Runtime
 
     runtime = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
     model, _ = load_model_and_tokenizer(FinetuneConfig(activation_checkpointing=True), runtime)
@@ -281,9 +284,8 @@ def test_overlapped_optimizer_trains_and_resumes_like_adamw(tmp_path, caplog) ->
 
     caplog.set_level(logging.INFO, logger="te_llama")
     overlapped = run(tmp_path, "overlap", max_grad_norm=0.0)
-    assert "optimizer overlap off" not in caplog.text
+    assert "each layer updated during backward" in caplog.text and "overlap optimizer off" not in caplog.text
     plain = run(tmp_path, "plain", max_grad_norm=0.0, overlap_optimizer=False)
-    assert "optimizer overlap off: --no-overlap-optimizer" in caplog.text
     want, got = train_losses(plain.output_dir), train_losses(overlapped.output_dir)
     assert got == want
     run(tmp_path, "split", max_grad_norm=0.0, stop_after_steps=6)
@@ -291,30 +293,32 @@ def test_overlapped_optimizer_trains_and_resumes_like_adamw(tmp_path, caplog) ->
     assert [resumed[step] for step in range(7, 13)] == [want[step] for step in range(7, 13)]
 
 
-def test_overlap_is_off_where_it_would_change_training(caplog) -> None:
-    from te_llama.train.recipe import Runtime, overlap_off_reason
-
-    runtime = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
-    base = {"max_grad_norm": 0.0}
-    assert overlap_off_reason(resolve_config(**base), runtime, 1) is None
-    assert "clipping" in overlap_off_reason(resolve_config(), runtime, 1)
-    assert "grad_accum" in overlap_off_reason(resolve_config(**base, grad_accum=2), runtime, 1)
-    assert "several processes" in overlap_off_reason(resolve_config(**base), runtime, 2)
-    assert "activation checkpointing" in overlap_off_reason(resolve_config(**base, activation_checkpointing=True),
-                                                            runtime, 1)
-
-
-def test_optimizer_kernel_choice_and_errors(tmp_path) -> None:
-    from te_llama.train.recipe import Runtime, optimizer_kernel
+def test_auto_features_are_on_only_where_exact() -> None:
+    from te_llama.train.step import Runtime, resolve_features
 
     cpu = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
-    assert optimizer_kernel(resolve_config(), cpu) == "torch"  # auto: Triton's needs CUDA
-    with pytest.raises(ValueError, match="'apex' is not one of: auto, torch, triton"):
-        resolve_config(optimizer_kernel="apex")
-    with pytest.raises(ValueError, match="FSDP2"):
-        optimizer_kernel(resolve_config(optimizer_kernel="triton", parallel="fsdp2"), cpu)
-    with pytest.raises(ValueError, match="needs a CUDA GPU and Triton"):
-        run(tmp_path, optimizer_kernel="triton")
+    features = resolve_features(resolve_config(max_grad_norm=0.0), cpu, None, 1)
+    assert (features.cuda_graphs, features.overlap_optimizer, features.fused_loss) == (False, True, True)
+    assert features.optimizer_kernel == "torch"  # Triton's needs CUDA
+    assert not resolve_features(resolve_config(), cpu, None, 1).overlap_optimizer  # clipping at 1.0
+    assert not resolve_features(resolve_config(max_grad_norm=0.0, grad_accum=2), cpu, None, 1).overlap_optimizer
+    assert not resolve_features(resolve_config(max_grad_norm=0.0, activation_checkpointing=True), cpu, None,
+                                1).overlap_optimizer
+    several = resolve_features(resolve_config(max_grad_norm=0.0), cpu, None, 2)
+    assert not several.overlap_optimizer and not several.fused_loss
+    baseline = Runtime(torch.device("cpu"), "hf", "fp32", torch.float32)
+    assert not resolve_features(resolve_config(), baseline, None, 1).fused_loss
+
+
+@pytest.mark.parametrize(("option", "backend", "message"), [
+    ("overlap_optimizer", "reference", "--overlap-optimizer cannot run here: clipping by the global norm needs every "
+                                       "gradient before any update: use --max-grad-norm 0"),
+    ("cuda_graphs", "reference", "--cuda-graphs cannot run here: backend 'reference' (graphs are for TE layers)"),
+    ("fused_loss", "hf", "--fused-loss cannot run here: backend 'hf' is the baseline"),
+])
+def test_explicit_features_that_cannot_run_are_refused_at_start(tmp_path, option, backend, message) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        run(tmp_path, backend=backend, packing=backend != "hf", **{option: True})
     assert not (tmp_path / "run").exists()  # refused before anything was written
 
 
@@ -325,25 +329,9 @@ def test_bf16_layer_counts_are_checked_before_the_run_starts(tmp_path) -> None:
     assert run(tmp_path, "ok", bf16_first_layers=1, bf16_last_layers=1, max_steps=2).steps == 2  # inert in fp32
 
 
-def test_fused_loss_trains_like_transformers_loss(tmp_path, caplog) -> None:
+def test_fused_loss_trains_like_transformers_loss(tmp_path) -> None:
     """The default step computes the loss with te_llama.train.loss; --no-fused-loss gives HF's, same losses."""
-    import logging
-
-    caplog.set_level(logging.INFO, logger="te_llama")
     fused = run(tmp_path, "fused", max_steps=4, save_every=0)
-    assert "fused loss off" not in caplog.text
     plain = run(tmp_path, "plain", max_steps=4, save_every=0, fused_loss=False)
-    assert "fused loss off: --no-fused-loss" in caplog.text
     want, got = train_losses(plain.output_dir), train_losses(fused.output_dir)
     assert got == pytest.approx(want, rel=1e-5)
-
-
-def test_fused_loss_is_off_where_the_model_forward_must_run() -> None:
-    from te_llama.train.recipe import Runtime, fused_loss_off_reason
-
-    runtime = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
-    assert fused_loss_off_reason(resolve_config(), runtime, 1) is None
-    assert "several processes" in fused_loss_off_reason(resolve_config(), runtime, 2)
-    assert "several processes" in fused_loss_off_reason(resolve_config(parallel="fsdp2"), runtime, 1)
-    baseline = Runtime(torch.device("cuda"), "hf", "bf16", torch.bfloat16)
-    assert "baseline" in fused_loss_off_reason(resolve_config(), baseline, 1)

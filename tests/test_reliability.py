@@ -142,12 +142,12 @@ def test_overwrite_refuses_the_home_folder_and_parents_of_the_working_directory(
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_rerun(tmp_path, monkeypatch, capsys) -> None:
-    import te_llama.train.recipe as recipe
+    import te_llama.train.step as step
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
 
-    monkeypatch.setattr(recipe, "causal_lm_loss", out_of_memory)
+    monkeypatch.setattr(step, "causal_lm_loss", out_of_memory)
     assert cli(tmp_path, "--max-steps", "4", "--max-seq-len", "64", "--batch-size", "4") == 2
     err = capsys.readouterr().err
     assert "te-llama: error: out of GPU memory at step 1 with 256 tokens per micro-batch" in err
@@ -163,16 +163,16 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_rerun(
 
 KILL_AT_STEP = """
 import os, signal, sys
-import te_llama.train.recipe as recipe
+import te_llama.train.step as step
 from te_llama.train.recipe import finetune
 from te_llama.train.config import resolve_config
-real_loss, calls = recipe.causal_lm_loss, []
+real_loss, calls = step.causal_lm_loss, []
 def loss_then_die(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return real_loss(*args, **kwargs)
-recipe.causal_lm_loss = loss_then_die
+step.causal_lm_loss = loss_then_die
 finetune(resolve_config(output_dir=sys.argv[1], cache_dir=sys.argv[2], tensorboard=False, max_steps=4,
                         max_seq_len=64, batch_size=4, save_every=2))
 """
@@ -284,3 +284,38 @@ def test_checkpoint_code_is_never_run(tmp_path) -> None:
         result = run(tmp_path, backend, model=str(folder), backend=backend, max_steps=1, packing=backend != "hf")
         assert result.steps == 1
     assert not marker.exists()
+
+
+# ---- config files: grouped sections, the shipped example
+
+
+EXAMPLE = __import__("pathlib").Path(__file__).parents[1] / "examples" / "finetune.yaml"
+
+
+def test_the_example_config_names_every_option_by_group_and_runs(tmp_path) -> None:
+    import yaml
+
+    from te_llama.train.config import GROUPS
+
+    sections = yaml.safe_load(EXAMPLE.read_text())
+    assert list(sections) == list(GROUPS)
+    for group, names in GROUPS.items():  # every option; the model's `path:` is commented out (built-in model)
+        assert set(sections[group]) == set(names) - {"model"}, group
+    config = resolve_config(EXAMPLE, output_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                            max_steps=2, tensorboard=False)
+    assert (config.learning_rate, config.max_seq_len, config.max_steps) == (2e-5, 1024, 2)
+    assert finetune(config).steps == 2
+
+
+def test_grouped_config_files_map_sections_to_options(tmp_path) -> None:
+    (tmp_path / "c.yaml").write_text("model:\n  path: ckpt/\nspeed:\n  precision: bf16\n  cuda_graphs: false\n"
+                                     "optimization:\n  learning_rate: 1e-4\n")
+    config = resolve_config(tmp_path / "c.yaml")
+    assert (config.model, config.precision, config.cuda_graphs, config.learning_rate) == ("ckpt/", "bf16", False, 1e-4)
+    (tmp_path / "bad.yaml").write_text("speed:\n  learning_rate: 1e-4\n")
+    with pytest.raises(ConfigError, match="section 'speed' has no option 'learning_rate'; it belongs in section "
+                                          "'optimization'"):
+        resolve_config(tmp_path / "bad.yaml")
+    (tmp_path / "twice.yaml").write_text("learning_rate: 1e-4\noptimization:\n  learning_rate: 1e-3\n")
+    with pytest.raises(ConfigError, match="option 'learning_rate' is given twice"):
+        resolve_config(tmp_path / "twice.yaml")

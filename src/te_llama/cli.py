@@ -15,7 +15,7 @@ from typing import Literal, get_args, get_origin, get_type_hints
 import torch
 
 from .errors import TeLlamaError
-from .train.config import FinetuneConfig
+from .train.config import GROUPS, FinetuneConfig
 from .train.faults import TrainingInterrupted
 
 
@@ -59,10 +59,17 @@ def _finetune(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchSettings, run_bench
     from .bench.report import render_table
+    from .bench.variants import VARIANTS
 
+    if args.list:
+        for variant in VARIANTS.values():
+            print(f"{variant.name:<16} {variant.description}" if args.verbose else variant.name)
+        return 0
+    options = {name: getattr(args, name) for name in BENCH_OPTION_GROUPS_FIELDS if getattr(args, name) is not None}
+    FinetuneConfig(**options)  # typed and range-checked like finetune's, before any variant runs
     settings = BenchSettings(preset=args.preset, batch=args.batch, seq=args.seq, steps=args.steps,
                              warmup=args.warmup, seed=args.seed, sync_each_step=args.sync_each_step,
-                             layout_kwargs=args.layout_kwargs, data=args.data, lr=args.lr)
+                             data=args.data, lr=args.lr, options=options)
     report = run_bench(args.variants, settings, args.out, timeout_s=args.timeout)
     print(render_table(report))
     if args.out:
@@ -80,21 +87,30 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per FinetuneConfig field (--max-seq-len ...); unset flags stay None."""
+def _add_config_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] = tuple(GROUPS),
+                      exclude: tuple[str, ...] = ()) -> None:
+    """One flag per FinetuneConfig field of `groups` (--max-seq-len ...), in --help sections; unset flags stay None."""
     hints, docs = get_type_hints(FinetuneConfig), field_docs(FinetuneConfig)
-    for field in fields(FinetuneConfig):
-        flag = "--" + field.name.replace("_", "-")
-        kind = hints[field.name]
-        help_text = f"{docs.get(field.name, '')} (default: {field.default})".replace("%", "%%")
-        if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-            continue
-        if get_origin(kind) is Literal:
-            parser.add_argument(flag, choices=get_args(kind), default=None, help=help_text)
-            continue
-        base = next((t for t in (int, float, str) if t == kind or t in get_args(kind)), str)
-        parser.add_argument(flag, type=base, default=None, metavar=field.name.upper(), help=help_text)
+    defaults = {f.name: f.default for f in fields(FinetuneConfig)}
+    for group in groups:
+        section = parser.add_argument_group(f"{group} options")
+        for name in (n for n in GROUPS[group] if n not in exclude):
+            flag, kind = "--" + name.replace("_", "-"), hints[name]
+            default = "auto" if defaults[name] is None and bool in get_args(kind) else defaults[name]
+            help_text = f"{docs.get(name, '')} (default: {default})".replace("%", "%%")
+            if kind is bool or bool in get_args(kind):  # bool | None: unset means auto
+                section.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            elif get_origin(kind) is Literal:
+                section.add_argument(flag, choices=get_args(kind), default=None, help=help_text)
+            else:
+                base = next((t for t in (int, float, str) if t == kind or t in get_args(kind)), str)
+                section.add_argument(flag, type=base, default=None, metavar=name.upper(), help=help_text)
+
+
+BENCH_OPTION_GROUPS = ("optimization", "speed")
+BENCH_SETS = ("batch_size", "max_steps", "epochs", "stop_after_steps", "seed", "learning_rate")
+"""Finetune options the bench's own flags set (--batch, --seq, --steps, --seed, --lr)."""
+BENCH_OPTION_GROUPS_FIELDS = [name for group in BENCH_OPTION_GROUPS for name in GROUPS[group] if name not in BENCH_SETS]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -108,31 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--tolerance", type=float, default=1e-5, help="max relative logits error")
     check.set_defaults(func=_check)
     tune = sub.add_parser("finetune", help="finetune an HF checkpoint (default: the tiny built-in model)",
-                          description="Flags override --config (YAML or TOML). Without --model, the embedded default (tiny built-in model, bundled data) sets shorter runs: see BUILTIN_DEFAULTS in finetune_config.py.")
+                          description="Flags override --config (YAML or TOML). Without --model, the embedded default (tiny built-in model, bundled data) sets shorter runs: see BUILTIN_DEFAULTS in te_llama/train/config.py; examples/finetune.yaml lists every option by group.")
     tune.add_argument("--config", default=None, help="YAML or TOML file with FinetuneConfig options")
     _add_config_flags(tune)
     tune.set_defaults(func=_finetune)
 
-    from .bench.variants import DEFAULT_VARIANTS, VARIANTS
+    from .bench.variants import DEFAULT_VARIANTS
 
-    bench = sub.add_parser("bench", help="training step time of te-llama vs HF, torch.compile, Liger, torchao")
-    bench.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS),
-                       help=" ".join(VARIANTS))
-    bench.add_argument("--preset", default="llama2-7b", help="a preset name or a local HF checkpoint/config dir")
-    bench.add_argument("--batch", type=int, default=8)
-    bench.add_argument("--seq", type=int, default=256)
+    bench = sub.add_parser("bench", help="training step time of te-llama's finetune configurations vs transformers, "
+                           "torch.compile, Liger, torchao", description="Each te-llama row is a finetune configuration: "
+                           "the optimization and speed options below apply to every te-llama row (optimization "
+                           "options to the peers too).")
+    bench.add_argument("--list", action="store_true", help="print the variant names and exit (-v: with descriptions)")
+    bench.add_argument("-v", "--verbose", action="store_true", help="with --list: describe each variant")
+    bench.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="NAME",
+                       help=f"rows to run (default: {' '.join(DEFAULT_VARIANTS)})")
+    bench.add_argument("--preset", default="llama2-7b", help="model shape: a preset name (random weights)")
+    bench.add_argument("--batch", type=int, default=8, help="rows (documents) per step")
+    bench.add_argument("--seq", type=int, default=256, help="tokens per row")
     bench.add_argument("--steps", type=int, default=10, help="timed steps")
     bench.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--out", default=None, help="folder for JSON, Markdown and PNG reports")
     bench.add_argument("--sync-each-step", action=argparse.BooleanOptionalAction, default=True,
-                       help="read the loss after every step (default), or queue steps back to back")
-    bench.add_argument("--layout-kwargs", action=argparse.BooleanOptionalAction, default=False,
-                       help="give te-llama layers cu_seq_lens up front (no host sync in the layers)")
+                       help="read the loss after every step, as finetune does (default), or queue steps back to back")
     bench.add_argument("--data", choices=["random", "sample"], default="random",
-                       help="token batches: seeded random ids, or the bundled sample text (loss-curve check)")
+                       help="token rows: seeded random ids, or the bundled sample text (loss-curve check)")
     bench.add_argument("--lr", type=float, default=1e-5, help="AdamW learning rate, every variant")
     bench.add_argument("--timeout", type=float, default=900, help="seconds per variant")
+    _add_config_flags(bench, BENCH_OPTION_GROUPS, exclude=BENCH_SETS)
     bench.set_defaults(func=_bench)
     return parser
 

@@ -3,7 +3,7 @@
 `autocast("fp32")` changes nothing (the weights' own dtype); `autocast("bf16")` runs the whole model (TE layers and HF's embeddings, norm, lm_head) in
 BF16 through `torch.autocast`; the FP8 names add TE's FP8 autocast with a recipe:
 
-    fp8          our default, currently fp8-block (best loss tracking in docs/GPU_CHECKS.md)
+    fp8          our default, currently fp8-block (TE's block scaling: 1x128 / 128x128 scales)
     fp8-delayed  TE DelayedScaling (amax history)
     fp8-current  TE Float8CurrentScaling (per-tensor scale from the current amax)
     fp8-block    TE Float8BlockScaling (1x128 / 128x128 blocks; Hopper)
@@ -13,7 +13,7 @@ BF16 through `torch.autocast`; the FP8 names add TE's FP8 autocast with a recipe
                  too (TE promotes their partial sums to FP32 by default; te_llama.fp8_recipes)
 
 `keep_layers_in_bf16` exempts the first / last decoder layers from FP8 (they run BF16 inside
-the FP8 autocast): most of FP8's slower learning comes from the first layers (docs/SPEED_NOTES.md).
+the FP8 autocast): most of FP8's slower learning comes from the first layers (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def keep_layers_in_bf16(model: torch.nn.Module, first: int, last: int = 0) -> li
     FP8 (inert otherwise); every other layer back to FP8. Call before capturing CUDA graphs.
 
     Why: on the Llama-2-7B shape the first layer in BF16 halves FP8's loss gap to BF16 after 50
-    steps, the last layer changes nothing (docs/SPEED_NOTES.md, change 10). Returns the BF16 indices.
+    steps, the last layer changes nothing (docs/DESIGN.md). Returns the BF16 indices.
     """
     from .model.convert import decoder_layers
 

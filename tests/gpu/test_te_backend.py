@@ -24,12 +24,12 @@ DECIDED_MARGIN = 0.05       # top-1 minus top-2 oracle logit, as a fraction of t
 HF_BF16_SLACK = 1.15        # TE BF16 may be at most this much less accurate than HF's own BF16
 # FP8 logits vs BF16 logits. The issue asked for 0.1; E4M3 keeps 3 mantissa bits, so each FP8
 # GEMM adds ~5% relative noise on incoherent (random-like) sums, and the 8 FP8 GEMMs of these
-# 2-layer models measured 0.12-0.15 (docs/GPU_CHECKS.md). We bound what we can defend.
+# 2-layer models measured 0.12-0.15 (docs/DESIGN.md). We bound what we can defend.
 FP8_FORWARD_REL_L2 = 0.2
 FP8_FINAL_LOSS_REL = 0.05   # FP8 final loss within 5% of BF16's after the same steps
 FP8_RECIPES = ["fp8", "fp8-delayed", "fp8-current", "fp8-block", "fp8-delayed-fastacc", "fp8-current-fastacc"]
 # A weight gradient with fast vs split FP8 accumulation on the same FP8 operands (the first
-# backward GEMM): measured 1.5e-3 (docs/GPU_CHECKS.md).
+# backward GEMM): measured 1.5e-3 (docs/DESIGN.md).
 FAST_ACCUMULATION_GRAD_REL_L2 = 2e-2
 SEQ_LEN = 200               # not a multiple of 16; past max_position_embeddings of the dynamic-rope config
 DEVICE = "cuda"

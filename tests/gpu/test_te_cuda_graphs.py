@@ -15,7 +15,7 @@ from te_llama.train.batching import collate_packed
 from te_llama.train.cuda_graphs import (
     StaticShape,
     capture_cuda_graphs,
-    cast_fp8_weights_after_updates,
+    installed_graphs,
 )
 from te_llama.train.layerwise_adamw import LayerwiseAdamW
 
@@ -59,17 +59,13 @@ def packed_batches(vocab: int, count: int, seed: int = 0) -> list[dict]:
 
 
 def train(model, batches: list[dict], precision: str, grad_accum: int, layerwise: bool = False,
-          reused_grad_buffers: int = 0, kernel: str = "torch", cast_in_optimizer: bool = False,
-          track_updates: bool = False) -> list[float]:
-    """AdamW steps of `grad_accum` micro-batches each; the mean micro-batch loss per step.
-    cast_in_optimizer: LayerwiseAdamW casts the FP8 weights the graphs read."""
+          reused_grad_buffers: int = 0, kernel: str = "torch", track_updates: bool = False) -> list[float]:
+    """AdamW steps of `grad_accum` micro-batches each; the mean micro-batch loss per step."""
     optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), reused_grad_buffers=reused_grad_buffers,
                                kernel=kernel, lr=1e-4, fused=True) if layerwise else \
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
-    if cast_in_optimizer:
-        cast_fp8_weights_after_updates(model, optimizer)
     if track_updates:  # FP8 graphs cast the weights only in the first micro-batch after a step
-        model.model.layers[0].context.graphs.track_weight_updates(optimizer)
+        installed_graphs(model).track_weight_updates(optimizer)
     losses = []
     for start in range(0, len(batches), grad_accum):
         total = 0.0
@@ -176,32 +172,6 @@ def twin_graphed_models(arch: str, precision: str, **capture) -> tuple[nn.Module
     return first, second, batches
 
 
-@pytest.mark.parametrize("precision", ["fp8", "fp8-delayed", "fp8-current"])
-def test_fp8_weights_cast_by_the_optimizer_train_like_casts_in_forward(precision: str, record_metric) -> None:
-    """Graphs reading FP8 weights that LayerwiseAdamW casts after each layer's update (on its
-    stream) vs graphs that cast in every forward: the same casts of the same weights with the
-    same scales, only earlier. Afterwards each cached copy is the current weight's quantization."""
-    casting, cached, batches = twin_graphed_models("llama3.1-gqa-llama3-rope", precision, accumulate_grads=False,
-                                                   shared_grad_buffers=2)
-    want = train(casting, batches, precision, 1, layerwise=True, reused_grad_buffers=2)
-    got = train(cached, batches, precision, 1, layerwise=True, reused_grad_buffers=2, cast_in_optimizer=True)
-    loss_gap = max(abs(g - w) / w for g, w in zip(got, want))
-    param_gap = max(rel_l2(pc, pp) for pc, pp in zip(cached.parameters(), casting.parameters()))
-    graphs = cached.model.layers[0].context.graphs
-    stale = []
-    for layer in decoder_layers(cached):
-        for entry in graphs.fp8_weight_cache.entries(layer):
-            fresh = entry.quantizer.quantize(entry.weight.detach())
-            if not torch.equal(fresh.dequantize(), entry.workspace.dequantize()):
-                stale.append(tuple(entry.weight.shape))
-    record_metric(precision=precision, casting_losses=want, cached_losses=got, max_loss_rel_gap=loss_gap,
-                  max_param_rel_l2=param_gap, cached_weights=len(graphs.fp8_weight_cache), stale=len(stale))
-    assert len(graphs.fp8_weight_cache) == 4 * len(decoder_layers(cached))
-    assert not stale, f"cached FP8 weights differ from the current weights' quantization: {stale}"
-    assert got[-1] < got[0]
-    assert loss_gap <= GRAPH_LOSS_REL["fp8"] and param_gap <= GRAPH_PARAM_REL_L2["fp8"]
-
-
 @pytest.mark.parametrize("precision", ["fp8", "fp8-current"])
 def test_fp8_weights_cast_once_per_step_with_accumulation(precision: str, record_metric) -> None:
     """Gradient accumulation over FP8 graphs told when the optimizer steps: the weights are cast
@@ -254,11 +224,7 @@ def test_finetune_default_uses_graphs_and_matches_eager(tmp_path, caplog, grad_a
 
 def test_released_graphs_train_like_eager(record_metric) -> None:
     """The memory fallback: capture, find no room (forced), release, train eagerly."""
-    from te_llama.train.cuda_graphs import (
-        graphs_leave_room,
-        installed_graphs,
-        release_cuda_graphs,
-    )
+    from te_llama.train.cuda_graphs import graphs_leave_room, release_cuda_graphs
 
     hf = random_hf_model("llama2-mha", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
     eager = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
@@ -299,18 +265,6 @@ def test_finetune_overlaps_the_optimizer_without_clipping(tmp_path, caplog, reco
     record_metric(overlapped_loss=losses[True], adamw_loss=losses[False], relative_gap=gap)
     assert caplog.text.count("captured CUDA graphs") == 2
     assert caplog.text.count("optimizer overlap off") == 1
-    assert gap <= 1e-6
-
-
-def test_finetune_fp8_casts_weights_in_the_optimizer(tmp_path, caplog, record_metric) -> None:
-    """`te-llama finetune --precision fp8 --max-grad-norm 0 --fp8-weight-cache`: the optimizer casts
-    the FP8 (block-scaled) weights, vs the graphs casting them in each forward: the same casts.
-    Two runs in one process also check that graphs captured after other graphs read fresh weights."""
-    losses, gap = finetune_both_ways(tmp_path, caplog, "fp8_weight_cache", precision="fp8", max_grad_norm=0.0)
-    record_metric(cached_loss=losses[True], casting_loss=losses[False], relative_gap=gap)
-    assert caplog.text.count("FP8 weights: cast after each layer's update") == 1
-    assert caplog.text.count("FP8 weights: cast in the first forward after each optimizer step") == 1
-    assert caplog.text.count("captured CUDA graphs") == 2
     assert gap <= 1e-6
 
 

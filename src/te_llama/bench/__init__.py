@@ -39,7 +39,7 @@ def run_bench(variants: list[str], settings: BenchSettings, out_dir: str | Path 
     results = []
     report = {"settings": asdict(settings), "environment": environment(), "results": []}
     for variant in select(variants):
-        reason = unavailable_reason(variant)
+        reason = unavailable_reason(variant, settings.options)
         result = BenchResult(variant.name, "skipped", reason=reason) if reason else \
             _run_variant(variant.name, settings, timeout_s)
         progress(f"{result.variant}: {result.status}"

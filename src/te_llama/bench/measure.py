@@ -1,12 +1,13 @@
-"""One variant, one process: build, warm up, time training steps, print one JSON result.
+"""One variant, one process: build the row's finetune step, warm up, time it, print one JSON result.
 
-    python -m te_llama.bench.measure '{"variant": "te-bf16", "preset": "llama2-7b", ...}'
+    python -m te_llama.bench.measure '{"variant": "te-default", "settings": {...}}'
 
-Timing: CUDA events around each step (forward, backward, AdamW step, zero_grad), after the
-warm-up steps; median and spread over the timed steps. By default the loss is read after each
-step (a host sync, as a loop that logs every step does); `sync_each_step=False` queues steps
-back to back. Every variant is timed the same way. The token batches come from a seeded
-generator (never zeros) and are the same for every variant.
+The step timed is `te_llama.train.step.build_train_step` on the row's `FinetuneConfig`: the one
+`te-llama finetune` runs (forward, backward, clipping, AdamW, schedule). Timing: CUDA events
+around each step after the warm-up steps (graph capture and compilation happen there); median and
+spread over the timed steps. By default the loss is read after each step (a host sync, as the
+finetune loop does). Token rows come from a seeded generator (never zeros), the same for every
+variant: one document of `seq` tokens per row, packed for te-llama rows, padded rows for peers.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ import json
 import sys
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
+from accelerate import Accelerator
 from transformers import AutoModelForCausalLM
 
+from ..model.convert import convert
 from ..model.presets import preset_config
-from ..precision import autocast
-from ..train.layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
-from ..train.loss import causal_lm_loss
-from .variants import VARIANTS, Variant, prepare
+from ..train.batching import Batch, collate_packed, collate_padded
+from ..train.config import GROUPS, FinetuneConfig
+from ..train.cuda_graphs import StaticShape
+from ..train.setup import prepare_for_training, resolve_runtime
+from ..train.step import build_train_step
+from .variants import VARIANTS, Variant, apply_peer
 
 DENSE_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4,
                           "A100": 312.0}
@@ -39,14 +45,15 @@ class BenchSettings:
     seed: int = 0
     distinct_batches: int = 4
     sync_each_step: bool = True
-    """Read the loss (a host sync) after every step, as a loop that logs each step does."""
-    layout_kwargs: bool = False
-    """Give te-llama layers the packed layout up front (cu_seq_lens_q), sparing their host sync."""
+    """Read the loss (a host sync) after every step, as the finetune loop does."""
     data: str = "random"
     """"random": seeded random token ids; "sample": the bundled sample text and chat, tokenized by
     the built-in tokenizer and cut into rows (a loss-curve check on real text; ids stay below 512)."""
     lr: float = 1e-5
-    """AdamW's learning rate, the same for every variant (loss-curve checks at other rates)."""
+    """AdamW's learning rate, the same for every variant."""
+    options: dict[str, Any] = field(default_factory=dict)
+    """Finetune options for every te-llama row (speed and optimization groups) and every peer
+    (optimization group only), e.g. {"precision": "fp8", "max_grad_norm": 0.0}."""
 
 
 @dataclass
@@ -108,12 +115,6 @@ def sample_text_batches(settings: BenchSettings, device) -> list[torch.Tensor]:
     return [batch.to(device) for batch in rows]
 
 
-def packed_layout_kwargs(settings: BenchSettings, device) -> dict:
-    """Each row one sequence, told to te-llama layers up front (HF's packed-sequence kwargs)."""
-    cu = torch.arange(0, (settings.batch + 1) * settings.seq, settings.seq, dtype=torch.int32, device=device)
-    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": settings.seq, "max_length_k": settings.seq}
-
-
 def peak_tflops(device) -> float | None:
     if device.type != "cuda":
         return None
@@ -121,51 +122,39 @@ def peak_tflops(device) -> float | None:
     return next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in name), None)
 
 
-def build_model(variant_name: str, settings: BenchSettings) -> tuple[torch.nn.Module, dict]:
-    """The variant's model, ready to train, and the extra forward kwargs every step passes."""
-    variant = VARIANTS[variant_name]
-    cuda = "cuda" in variant.needs
-    device = torch.device("cuda") if cuda else torch.device("cpu")
-    config = preset_config(settings.preset)
+def row_config(variant: Variant, settings: BenchSettings) -> FinetuneConfig:
+    """The finetune configuration this row runs on the bench's batch shape."""
+    passed = {k: v for k, v in settings.options.items() if variant.ours or k in GROUPS["optimization"]}
+    return FinetuneConfig(**({"learning_rate": settings.lr} | variant.config | passed
+                             | {"batch_size": settings.batch, "max_seq_len": settings.seq, "seed": settings.seed,
+                                "max_steps": settings.warmup + settings.steps, "tensorboard": False}))
+
+
+def micro_batches(rows: list[torch.Tensor], variant: Variant, pad_to: int | None) -> list[Batch]:
+    """Each (batch, seq) tensor as finetune feeds it: one packed row of documents (te-llama) or padded rows."""
+    out = []
+    for row in rows:
+        examples = [{"input_ids": ids, "labels": ids} for ids in row.tolist()]
+        out.append(collate_packed(examples, with_cu_seqlens=True, pad_to=pad_to, max_doc_len=row.shape[1])
+                   if variant.ours else collate_padded(examples, pad_token_id=0))
+    return out
+
+
+def build_step(variant: Variant, settings: BenchSettings):
+    """The row's model (preset shape, random weights by seed) and its finetune step."""
+    config = row_config(variant, settings)
+    runtime = resolve_runtime(config)
+    accelerator = Accelerator(cpu=runtime.device.type == "cpu")
     torch.manual_seed(settings.seed)
-    with device:
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16 if cuda else torch.float32,
+    with runtime.device:
+        model = AutoModelForCausalLM.from_config(preset_config(settings.preset), dtype=runtime.param_dtype,
                                                  attn_implementation="sdpa")
-    model = prepare(variant, model).train()
-    if variant.cuda_graphs:  # every bench row is one full-length sequence
-        from ..train.cuda_graphs import StaticShape, capture_cuda_graphs
-
-        capture_cuda_graphs(model, StaticShape(settings.batch * settings.seq, settings.batch, settings.seq),
-                            variant.precision, accumulate_grads=False,  # one backward per step
-                            shared_grad_buffers=GRAD_BUFFER_SETS if variant.overlap_optimizer else 0)
-    ours = variant.name.startswith(("te-", "reference"))
-    layout_up_front = ours and (settings.layout_kwargs or variant.cuda_graphs)
-    return model, packed_layout_kwargs(settings, device) if layout_up_front else {}
-
-
-def make_optimizer(model: torch.nn.Module, variant: Variant, fused: bool, lr: float) -> torch.optim.Optimizer:
-    """AdamW (BF16 moments on BF16 weights, lr from the settings) for every variant; per layer for the overlap variants."""
-    if variant.optimizer_kernel == "triton" and not variant.overlap_optimizer:  # no layers: AdamW after backward
-        return LayerwiseAdamW(model, [], kernel="triton", lr=lr, fused=fused)
-    if variant.overlap_optimizer:
-        from ..model.convert import decoder_layers
-
-        optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), variant.overlap_stream_priority,
-                                   GRAD_BUFFER_SETS if variant.cuda_graphs else 0, variant.optimizer_kernel, lr=lr,
-                                   fused=fused)
-        if variant.cast_fp8_weights_in_optimizer:
-            from ..train.cuda_graphs import cast_fp8_weights_after_updates
-
-            cast_fp8_weights_after_updates(model, optimizer)
-        return optimizer
-    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, fused=fused)
-
-
-def training_loss(model: torch.nn.Module, variant: Variant, ids: torch.Tensor, extra: dict) -> torch.Tensor:
-    """The variant's loss on `ids` (its own labels): te_llama's fused loss or the model's own."""
-    if variant.fused_loss:
-        return causal_lm_loss(model, ids, input_ids=ids, **extra)
-    return model(input_ids=ids, labels=ids, **extra).loss
+    if variant.ours:
+        model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv)
+    model = apply_peer(variant.peer, prepare_for_training(model, config, runtime))
+    shape = StaticShape(settings.batch * settings.seq, settings.batch, settings.seq) if config.packing else None
+    step = build_train_step(config, runtime, model, accelerator, config.max_steps, 1, shape)
+    return step, runtime
 
 
 def last_pass_mean(losses: list[float], distinct_batches: int) -> float | None:
@@ -177,31 +166,26 @@ def last_pass_mean(losses: list[float], distinct_batches: int) -> float | None:
 
 def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     variant = VARIANTS[variant_name]
-    cuda = "cuda" in variant.needs
-    device = torch.device("cuda") if cuda else torch.device("cpu")
-    model, extra = build_model(variant_name, settings)
-    config = model.config
-    optimizer = make_optimizer(model, variant, fused=cuda, lr=settings.lr)
-    batches = token_batches(settings, config.vocab_size, device)
+    step, runtime = build_step(variant, settings)
+    cuda = runtime.device.type == "cuda"
+    config = step.raw_model.config
+    rows = token_batches(settings, config.vocab_size, torch.device("cpu"))
+    batches = micro_batches(rows, variant, step.graph_shape.tokens if step.graph_shape else None)
     times, losses, events = [], [], []
-    for step in range(settings.warmup + settings.steps):
-        ids = batches[step % len(batches)]
+    for index in range(settings.warmup + settings.steps):
+        batch = batches[index % len(batches)]
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         else:
             t0 = time.perf_counter()
-        with autocast(variant.precision):
-            loss = training_loss(model, variant, ids, extra)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.detach())
+        loss, _ = step([batch])
+        losses.append(loss)
         if cuda:
             end.record()
             events.append((start, end))
             if settings.sync_each_step:
-                float(losses[-1])
+                float(loss)
         else:
             times.append(1000 * (time.perf_counter() - t0))
     if cuda:
@@ -212,7 +196,7 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     median = ordered[len(ordered) // 2]
     tokens_per_s = settings.batch * settings.seq / (median / 1000)
     tflops = tokens_per_s * flops_per_token(config, settings.seq) / 1e12
-    peak = peak_tflops(device)
+    peak = peak_tflops(runtime.device)
     curve = [float(loss) for loss in losses]
     return BenchResult(
         variant_name, "ok", median_ms=median, p10_ms=ordered[len(ordered) // 10],

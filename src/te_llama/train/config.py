@@ -25,7 +25,6 @@ LongRows = Literal["truncate", "drop", "fail"]
 OnBadRows = Literal["fail", "skip"]
 Schedule = Literal["cosine", "linear", "constant"]
 Parallel = Literal["ddp", "fsdp2"]
-OptimizerKernel = Literal["auto", "torch", "triton"]
 
 
 class ConfigError(TeLlamaError, ValueError):
@@ -34,21 +33,21 @@ class ConfigError(TeLlamaError, ValueError):
 
 @dataclass
 class FinetuneConfig:
+    """Every finetune option, in the groups of `GROUPS` (the CLI's --help sections, YAML sections)."""
+
+    # ---- model
     model: str | None = None
-    """Local HF checkpoint directory; None = the tiny built-in model and tokenizer."""
-    data: str | None = None
-    """JSONL/JSON/Parquet/CSV file, a save_to_disk folder, or a hub name; None = bundled sample."""
-    output_dir: str = "runs/te-llama"
-    """Checkpoints, metrics, plot and the exported HF model (output_dir/final)."""
+    """HF checkpoint folder (or a Hub id, downloaded once); None = the tiny built-in model and tokenizer."""
     backend: Backend = "auto"
-    """"te", "reference", "hf" (transformers as is, the baseline), or "auto" (TE when CUDA and TE are present)."""
-    precision: Precision = "auto"
-    """"fp32", "bf16", "fp8" (default recipe), "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
-    "fp8-delayed-fastacc", "fp8-current-fastacc" (fast FP8 accumulation in the backward GEMMs too); auto = bf16 on GPU, fp32 on CPU."""
+    """"te", "reference" (pure-PyTorch twin, any device), "hf" (transformers as is, the baseline), or
+    "auto" (TE when CUDA and TE are present, else reference)."""
     param_dtype: ParamDtype = "auto"
-    """Dtype the weights are stored and updated in: "float32" or "bfloat16"; auto = bf16 on GPU (a 7B fits), fp32 on CPU."""
+    """Dtype the weights are stored and updated in: "float32" or "bfloat16"; auto = bf16 on GPU, fp32 on CPU."""
     fuse_qkv: bool = True
     """Keep Q/K/V as one TE parameter (one GEMM)."""
+    # ---- data
+    data: str | None = None
+    """JSONL/JSON/Parquet/CSV file, a save_to_disk folder, or a hub name; None = bundled sample."""
     data_split: str = "train"
     """Split to train on, for datasets with several (a save_to_disk DatasetDict, a hub dataset)."""
     text_field: str = "text"
@@ -60,15 +59,15 @@ class FinetuneConfig:
     long_rows: LongRows = "truncate"
     """Examples over max_seq_len: "truncate", "drop" or "fail"."""
     on_bad_rows: OnBadRows = "fail"
-    """Malformed JSON lines: "fail" (the default: nothing silently lost) or "skip" (counted)."""
+    """Bad rows (malformed JSON, missing text, unknown chat roles...): "fail" (nothing silently lost) or
+    "skip" (counted)."""
     eval_fraction: float = 0.05
     """Share of examples held out for evaluation (0 = no eval)."""
     packing: bool = True
     """Pack examples into rows (no padding, no cross-example attention); False = pad each batch."""
-    batch_size: int = 8
-    """Examples per micro-batch (padding), or the token budget batch_size * max_seq_len (packing)."""
-    grad_accum: int = 1
-    """Micro-batches per optimizer step."""
+    cache_dir: str | None = None
+    """Where tokenized data is cached; None = ~/.cache/te-llama."""
+    # ---- optimization
     learning_rate: float = 2e-5
     """AdamW's peak learning rate."""
     weight_decay: float = 0.0
@@ -78,25 +77,11 @@ class FinetuneConfig:
     schedule: Schedule = "cosine"
     """Learning-rate schedule after warm-up: "cosine", "linear" or "constant"."""
     max_grad_norm: float = 1.0
-    """Gradient clipping (0 = off)."""
-    parallel: Parallel = "ddp"
-    """With several processes: "ddp" (replicas, through accelerate) or "fsdp2" (torch FSDP2, sharded; needs torchrun/accelerate launch)."""
-    cuda_graphs: bool = True
-    """Replay the TE layers as CUDA graphs (backend te, packing, one process, no activation checkpointing; otherwise eager, logged). Packed rows are then padded to the token budget."""
-    overlap_optimizer: bool = True
-    """Update each decoder layer during backward on a second CUDA stream (LayerwiseAdamW), overlapping AdamW with the backward's GEMMs; with CUDA graphs the layers' weight gradients then share two buffers. Only where that equals AdamW after backward: grad_accum 1, max_grad_norm 0, one process, no activation checkpointing (otherwise plain AdamW, logged)."""
-    fp8_weight_cache: bool = False
-    """FP8 with CUDA graphs and the overlapped optimizer: cast each layer's weights to FP8 right after its update, on the optimizer's stream, instead of in the next forward (te_llama.train.fp8_weight_cache). Same training; measured no faster on a 7B (docs/SPEED_NOTES.md, change 8), so off by default."""
-    fused_loss: bool = True
-    """Compute the loss with te_llama.train.loss: the lm_head GEMM and cross-entropy without FP32 logits (less memory, fewer passes over a 32k-128k vocabulary). Backends te and reference, one process; otherwise transformers' own loss (logged)."""
-    bf16_first_layers: int = 0
-    """FP8 precisions: run this many first decoder layers in BF16 (most of FP8's slower learning comes from them: docs/SPEED_NOTES.md, change 10)."""
-    bf16_last_layers: int = 0
-    """FP8 precisions: run this many last decoder layers in BF16."""
-    optimizer_kernel: OptimizerKernel = "auto"
-    """AdamW's update kernel: "torch" (fused AdamW), "triton" (te_llama.train.triton_adamw: ~25% faster on a 7B; CUDA, not FSDP2), or "auto" (triton where it runs)."""
-    activation_checkpointing: bool = False
-    """Recompute each decoder layer in backward: less memory, about a third more compute."""
+    """Gradient clipping by the global norm (0 = off)."""
+    batch_size: int = 8
+    """Examples per micro-batch (padding), or the token budget batch_size * max_seq_len (packing)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step."""
     seed: int = 0
     """Seeds the model init (built-in model), data order and eval split."""
     max_steps: int | None = None
@@ -105,8 +90,34 @@ class FinetuneConfig:
     """Passes over the training data, when max_steps is not given."""
     stop_after_steps: int | None = None
     """Stop (with a checkpoint) after this many steps of this run, schedule unchanged; resume later."""
-    eval_every: int = 100
-    """Held-out eval loss every N steps and at the end."""
+    # ---- speed
+    precision: Precision = "auto"
+    """"fp32", "bf16", "fp8" (= fp8-block), "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
+    "fp8-delayed-fastacc", "fp8-current-fastacc" (fast FP8 accumulation in the backward GEMMs too);
+    auto = bf16 on GPU, fp32 on CPU."""
+    bf16_first_layers: int = 0
+    """FP8 precisions: run this many first decoder layers in BF16."""
+    bf16_last_layers: int = 0
+    """FP8 precisions: run this many last decoder layers in BF16."""
+    cuda_graphs: bool | None = None
+    """Replay the TE layers as CUDA graphs for the packed token budget (rows padded to it). Unset
+    (auto): wherever they run (backend te, packing, one process, no activation checkpointing);
+    --cuda-graphs where they cannot is refused with the reason."""
+    overlap_optimizer: bool | None = None
+    """Update each decoder layer during backward on a second CUDA stream, overlapping AdamW with the
+    backward's GEMMs. Unset (auto): wherever that equals AdamW after backward (grad_accum 1,
+    max_grad_norm 0, one process, no activation checkpointing); explicit where it cannot is refused."""
+    fused_loss: bool | None = None
+    """lm_head + cross-entropy without FP32 logits (less memory, fewer passes over the vocabulary).
+    Unset (auto): backends te/reference in one process; explicit where it cannot is refused."""
+    activation_checkpointing: bool = False
+    """Recompute each decoder layer in backward: less memory, about a third more compute."""
+    parallel: Parallel = "ddp"
+    """With several processes: "ddp" (replicas, through accelerate) or "fsdp2" (torch FSDP2, sharded;
+    needs torchrun/accelerate launch)."""
+    # ---- checkpointing
+    output_dir: str = "runs/te-llama"
+    """Checkpoints, metrics, plot and the exported HF model (output_dir/final)."""
     save_every: int = 500
     """Training checkpoint every N steps and at the end (0 = none: only the final HF export)."""
     save_every_minutes: float = 60.0
@@ -119,8 +130,9 @@ class FinetuneConfig:
     overwrite: bool = False
     """Replace a finished or checkpointed te-llama run in output_dir (only te-llama's own files are
     deleted; a folder holding anything else is refused)."""
-    cache_dir: str | None = None
-    """Where tokenized data is cached; None = ~/.cache/te-llama."""
+    # ---- logging
+    eval_every: int = 100
+    """Held-out eval loss every N steps and at the end."""
     tensorboard: bool = True
     """Also log to TensorBoard when it is installed."""
 
@@ -136,6 +148,22 @@ class FinetuneConfig:
                 continue
             if math.isnan(value) or (low is not None and value < low) or (high is not None and value > high):
                 raise ConfigError(f"{_option(name)} {value!r} is out of range: {note}")
+
+
+GROUPS: dict[str, tuple[str, ...]] = {
+    "model": ("model", "backend", "param_dtype", "fuse_qkv"),
+    "data": ("data", "data_split", "text_field", "assistant_only_loss", "max_seq_len", "long_rows", "on_bad_rows",
+             "eval_fraction", "packing", "cache_dir"),
+    "optimization": ("learning_rate", "weight_decay", "warmup_ratio", "schedule", "max_grad_norm", "batch_size",
+                     "grad_accum", "seed", "max_steps", "epochs", "stop_after_steps"),
+    "speed": ("precision", "bf16_first_layers", "bf16_last_layers", "cuda_graphs", "overlap_optimizer", "fused_loss",
+              "activation_checkpointing", "parallel"),
+    "checkpointing": ("output_dir", "save_every", "save_every_minutes", "keep_last", "resume", "overwrite"),
+    "logging": ("eval_every", "tensorboard"),
+}
+"""The option groups, in order: --help sections and the sections a YAML/TOML config may use."""
+SECTION_ALIASES = {("model", "path"): "model"}
+"""In a config file's `model:` section, the checkpoint folder is `path:` (`model: {model: ...}` reads badly)."""
 
 
 RANGES: dict[str, tuple[float | None, float | None, str]] = {
@@ -215,11 +243,30 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     values = tomllib.loads(text) if path.suffix == ".toml" else yaml.safe_load(text) or {}
     values = values.get("finetune", values) if isinstance(values, dict) else values
     if not isinstance(values, dict):
-        raise ValueError(f"{path}: expected a mapping of option names to values")
-    unknown = sorted(set(values) - FIELD_NAMES)
+        raise ConfigError(f"{path}: expected a mapping of option names to values")
+    flat: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in GROUPS and isinstance(value, dict):  # a section: its options by name
+            for name, option in value.items():
+                field_name = SECTION_ALIASES.get((key, name), name)
+                if field_name not in GROUPS[key]:
+                    home = next((g for g, names in GROUPS.items() if name in names), None)
+                    raise ConfigError(f"{path}: section {key!r} has no option {name!r}"
+                                      + (f"; it belongs in section {home!r}" if home else
+                                         f"; its options: {', '.join(GROUPS[key])}"))
+                flat = _add_once(flat, field_name, option, path)
+        else:
+            flat = _add_once(flat, key, value, path)
+    unknown = sorted(set(flat) - FIELD_NAMES)
     if unknown:
-        raise ValueError(f"{path}: unknown option(s) {unknown}; known: {sorted(FIELD_NAMES)}")
-    return values
+        raise ConfigError(f"{path}: unknown option(s) {unknown}; known: {sorted(FIELD_NAMES)}")
+    return flat
+
+
+def _add_once(values: dict[str, Any], name: str, value: Any, path: Path) -> dict[str, Any]:
+    if name in values:
+        raise ConfigError(f"{path}: option {name!r} is given twice")
+    return values | {name: value}
 
 
 def resolve_config(file: str | Path | None = None, **flags: Any) -> FinetuneConfig:

@@ -1,7 +1,7 @@
 """CUDA graphs of the decoder layers for a fixed token budget (`te.make_graphed_callables`).
 
 Why: at a few thousand tokens per step the GPU finishes TE's kernels faster than Python
-launches them (docs/SPEED_NOTES.md). A CUDA graph per layer replays the layer's whole forward
+launches them (docs/DESIGN.md). A CUDA graph per layer replays the layer's whole forward
 (and its backward) with one launch each, FP8 quantization included.
 
 What stays fixed: a graph replays the shapes it was captured with, so a graphed model takes
@@ -31,7 +31,6 @@ from ..errors import BackendUnavailableError
 from ..model.convert import CONVERSION_ATTR, decoder_layers
 from ..model.token_layout import TokenLayout
 from ..precision import FP8_PRECISIONS, check_precision_available, make_recipe
-from .fp8_weight_cache import FP8WeightCache, collect_fp8_weight_cache
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +93,6 @@ class GraphedLayers:
         self.accumulate_grads = accumulate_grads
         self.fp8 = precision in FP8_PRECISIONS
         """FP8 graphs read persistent FP8 weight copies, cast into by the first replay after an update."""
-        self.fp8_weight_cache: FP8WeightCache | None = None
-        """FP8 with fused Q/K/V: those copies, refreshable after each layer's update."""
-        self.weights_cast_in_forward = True
-        """False once the optimizer refreshes the copies (`cast_fp8_weights_after_updates`)."""
         self._weights_changed = True
         self._tracked_optimizer = False
         self._last_layer = next(reversed(calls), None)
@@ -158,8 +153,7 @@ class GraphedLayers:
             return self._calls[id(layer)](tokens, cached[1])
         # The first FP8 module of each autocast region sets TE's global skip-the-cast flag from this
         # (every replay says it, so graphs of another model cannot leave it set for ours).
-        cast = self.weights_cast_in_forward and self._weights_changed
-        out = self._calls[id(layer)](tokens, cached[1], is_first_microbatch=cast)
+        out = self._calls[id(layer)](tokens, cached[1], is_first_microbatch=self._weights_changed)
         if self._tracked_optimizer and id(layer) == self._last_layer:
             self._weights_changed = False
         return out
@@ -173,11 +167,6 @@ class GraphedLayers:
 
     def _note_update(self, *_: object) -> None:
         self._weights_changed = True
-
-    def refresh_fp8_weights(self, layer: nn.Module) -> None:
-        """After the layer's update: cast its new weights into the copies its graph reads."""
-        if self.fp8_weight_cache is not None:
-            self.fp8_weight_cache.refresh(layer)
 
 
 def graphs_unsupported_reason(model: nn.Module) -> str | None:
@@ -290,8 +279,7 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
     shared_grad_buffers=N: the layers' weight gradients share N buffer sets (`write_wgrads_in_place`),
     for `LayerwiseAdamW(reused_grad_buffers=N)` only.
     FP8: the graphs read FP8 weight copies kept between replays (TE's `cache_quantized_params`);
-    every replay casts into them unless told the weights did not change (`track_weight_updates`)
-    or the optimizer casts them (`cast_fp8_weights_after_updates`, fused Q/K/V).
+    every replay casts into them unless told the weights did not change (`track_weight_updates`).
     """
     reason = graphs_unsupported_reason(model)
     if reason:
@@ -324,13 +312,6 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
             cache_quantized_params=fp8)
     torch.cuda.synchronize(device)
     graphs = GraphedLayers(shape, padded_tokens, dict(zip(calls, graphed)), precision, grad_buffers, accumulate_grads)
-    if fp8 and grad_buffers:  # fused Q/K/V: one cached copy per weight, which the optimizer can refresh
-        try:
-            fp8_layers = [layer for layer in layers if getattr(layer, "fp8", True)]
-            graphs.fp8_weight_cache = collect_fp8_weight_cache(
-                fp8_layers, {id(layer): gemm_weights(layer) for layer in fp8_layers})
-        except RuntimeError as exc:
-            logger.warning("FP8 weights stay cast in the forward: %s", exc)
     install_graphs(model, graphs)
     logger.info("captured CUDA graphs of %d layers for %s (%s)", len(calls), shape, precision)
     return graphs
@@ -345,7 +326,6 @@ def release_cuda_graphs(model: nn.Module) -> None:
     graphs = installed_graphs(model)
     if graphs is not None:
         graphs.reset()
-        graphs.fp8_weight_cache = None
     install_graphs(model, None)
     layers = list(decoder_layers(model))
     for layer in layers:
@@ -362,23 +342,6 @@ def release_cuda_graphs(model: nn.Module) -> None:
                 del weight.main_grad, weight.overwrite_main_grad
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def cast_fp8_weights_after_updates(model: nn.Module, optimizer) -> None:
-    """Have `optimizer` (a LayerwiseAdamW over every decoder layer) cast each layer's FP8 weights
-    right after updating it, on its side stream, and the graphs skip their own casts."""
-    graphs = installed_graphs(model)
-    if graphs is None:
-        raise ValueError("the model has no CUDA graphs: capture_cuda_graphs with an FP8 precision first")
-    if graphs.fp8_weight_cache is None:
-        raise ValueError("the model's graphs keep no refreshable FP8 weight copies: capture FP8 graphs of a model "
-                         "converted with fuse_qkv=True")
-    trainable = [layer for layer in decoder_layers(model) if any(p.requires_grad for p in layer.parameters())]
-    if {id(layer) for layer in getattr(optimizer, "layers", ())} != {id(layer) for layer in trainable}:
-        raise ValueError("the FP8 weight copies must be refreshed after every layer's update: the optimizer must be "
-                         "a LayerwiseAdamW over every trainable decoder layer")
-    optimizer.after_layer_update = graphs.refresh_fp8_weights
-    graphs.weights_cast_in_forward = False
 
 
 def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: int) -> tuple[bool, str]:

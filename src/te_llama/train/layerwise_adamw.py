@@ -1,7 +1,7 @@
 """AdamW that updates each decoder layer as soon as backward is done with it, on a second CUDA stream.
 
 Why: with the layers as CUDA graphs, AdamW is a quarter of an FP8 step on a 7B model
-(~42 of ~162 ms, docs/SPEED_NOTES.md) and runs after backward, when the tensor cores idle.
+(~42 of ~162 ms, docs/DESIGN.md) and runs after backward, when the tensor cores idle.
 The update is memory-bound and the backward's GEMMs are compute-bound, so starting layer i's
 update while layer i-1's backward runs lets the two share the GPU.
 
@@ -18,7 +18,7 @@ updates simply run inline.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -35,11 +35,9 @@ backward run while the update of the layer above still reads its gradients."""
 class LayerwiseAdamW(torch.optim.AdamW):
     """AdamW whose per-layer updates start from backward hooks; `step()` does the rest and joins."""
 
-    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], stream_priority: int = 0,
-                 reused_grad_buffers: int = 0, kernel: str = "torch", **adamw_kwargs: Any) -> None:
-        """stream_priority: of the side stream; -1 (high) lets its updates take SMs ahead of the
-        backward's queued GEMM blocks (torch.cuda.Stream's priority: lower is higher).
-        reused_grad_buffers=N: layer i's weight gradients live in buffer set i % N
+    def __init__(self, model: nn.Module, layers: Sequence[nn.Module], reused_grad_buffers: int = 0,
+                 kernel: str = "torch", **adamw_kwargs: Any) -> None:
+        """reused_grad_buffers=N: layer i's weight gradients live in buffer set i % N
         (`capture_cuda_graphs(shared_grad_buffers=N)`); the backward of each layer then waits
         for the update of the layer N above it, the buffer's previous user."""
         if getattr(model, "is_gradient_checkpointing", False):
@@ -66,21 +64,13 @@ class LayerwiseAdamW(torch.optim.AdamW):
         self._reused_grad_buffers = reused_grad_buffers
         self._updated: dict[int, torch.cuda.Event] = {}  # group -> event after its update (this backward)
         device = next(p.device for group in groups for p in group["params"])
-        self._side_stream = torch.cuda.Stream(device, priority=stream_priority) if device.type == "cuda" else None
+        self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._stepped: set[int] = set()  # groups updated since the last step()
         self._hooks = []
         self._layers = [layer for layer, params in zip(layers, layer_groups) if params]  # group i's layer
-        self.after_layer_update: Callable[[nn.Module], None] | None = None
-        """Called with each layer right after its update, on the stream that ran it (e.g. to cast
-        the new weights to FP8 there: `te_llama.train.fp8_weight_cache`)."""
         for index, layer in enumerate(self._layers):
             self._hooks.append(layer.register_forward_pre_hook(
                 functools.partial(self._watch_layer_input, index), with_kwargs=True))
-
-    @property
-    def layers(self) -> list[nn.Module]:
-        """The decoder layers updated during backward, in group order."""
-        return list(self._layers)
 
     def _watch_layer_input(self, group_index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         """On a training forward: hook the layer's input, whose gradient is the last thing its backward makes."""
@@ -96,7 +86,7 @@ class LayerwiseAdamW(torch.optim.AdamW):
                                "per optimizer step: call step() after each backward (no gradient accumulation)")
         self._stepped.add(group_index)
         if self._side_stream is None:
-            self._update_layers(group_index)
+            self._update([self.param_groups[group_index]])
             return
         main = torch.cuda.current_stream()
         self._side_stream.wait_stream(main)
@@ -104,21 +94,10 @@ class LayerwiseAdamW(torch.optim.AdamW):
             self._update([self.param_groups[group_index]])
             self._updated[group_index] = torch.cuda.Event()  # its gradients are consumed
             self._updated[group_index].record()
-            self._after_update(group_index)
         if self._reused_grad_buffers:  # the layer below writes the buffer the layer N above it used
             previous_user = self._updated.get(group_index - 1 + self._reused_grad_buffers)
             if previous_user is not None:
                 main.wait_event(previous_user)
-
-    def _update_layers(self, *group_indices: int) -> None:
-        """Update these layer groups, then tell `after_layer_update` about each layer."""
-        self._update([self.param_groups[i] for i in group_indices])
-        self._after_update(*group_indices)
-
-    def _after_update(self, *group_indices: int) -> None:
-        if self.after_layer_update is not None:
-            for index in group_indices:
-                self.after_layer_update(self._layers[index])
 
     def _update(self, groups: list[dict]) -> None:
         """AdamW's own step on some of the groups (it walks `self.param_groups`), or the Triton kernel's."""
@@ -155,7 +134,7 @@ class LayerwiseAdamW(torch.optim.AdamW):
             raise ValueError("LayerwiseAdamW.step takes no closure (its updates start inside backward)")
         pending_layers = [i for i in range(len(self._layers)) if i not in self._stepped]
         if pending_layers:  # layers whose backward hook did not fire (e.g. the input needed no gradient)
-            self._update_layers(*pending_layers)
+            self._update([self.param_groups[i] for i in pending_layers])
         rest = [g for i, g in enumerate(self.param_groups) if i >= len(self._layers)]
         if rest:
             self._update(rest)

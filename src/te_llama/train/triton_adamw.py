@@ -1,7 +1,7 @@
 """AdamW's update as one Triton kernel per tensor: read p, g, m, v once, write p, m, v once.
 
 Why: torch's fused AdamW moves a 7B model's 94 GB (BF16 weights, gradients and moments) in
-~43 ms, ~73% of the GPU's copy bandwidth (scripts/optimizer_bench.py). A plain elementwise
+~43 ms, ~73% of the GPU's copy bandwidth (docs/DESIGN.md). A plain elementwise
 kernel over each (large) tensor streams at close to copy bandwidth. Same math as
 `torch.optim.AdamW` (decoupled weight decay, bias correction, FP32 arithmetic, stored in the
 tensors' dtype); results can differ from torch's kernel in the last bit of BF16 rounding.

@@ -10,7 +10,7 @@ from ..spec import ArchitectureSpec
 from .hf_adapter import HFDecoderAdapter
 
 # cuDNN fused attention in TE 2.20 gives wrong THD (packed) gradients above this head size on
-# Hopper (measured: scripts/diag_attention_head_dim.py, docs/GPU_CHECKS.md); forward is fine.
+# Hopper (measured: docs/DESIGN.md); forward is fine.
 MAX_TE_HEAD_DIM = 128
 
 

@@ -1,0 +1,90 @@
+"""Setting a run up: what 'auto' means on this machine, and the model and tokenizer to train.
+
+Every check here reads configs only, so bad settings fail before the slow loading starts.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from ..availability import te_available
+from ..model.builtin import builtin_model, builtin_tokenizer
+from ..model.convert import convert
+from ..model.hf_checkpoint import from_pretrained
+from ..model.presets import preset_config
+from ..precision import FP8_PRECISIONS, check_precision_available, keep_layers_in_bf16
+from .config import ConfigError, FinetuneConfig
+from .data import DataError
+from .step import Runtime
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_runtime(config: FinetuneConfig) -> Runtime:
+    """'auto' resolved for this machine; combinations that cannot run here refused with the fix."""
+    cuda = torch.cuda.is_available()
+    backend = config.backend if config.backend != "auto" else ("te" if cuda and te_available() else "reference")
+    precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
+    if precision in FP8_PRECISIONS and backend != "te":
+        raise ConfigError(f"--precision {precision} needs --backend te (FP8 GEMMs are Transformer Engine's)")
+    check_precision_available(precision)
+    dtype_name = config.param_dtype if config.param_dtype != "auto" else ("bfloat16" if cuda else "float32")
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    return Runtime(device, backend, precision, getattr(torch, dtype_name))
+
+
+def check_sequence_length(config: FinetuneConfig, model_path: Path | None) -> None:
+    """Refuse --max-seq-len past the positions the model was trained for (read from its config only)."""
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=False) if model_path else \
+        preset_config("tiny-llama")
+    limit = getattr(hf_config, "max_position_embeddings", None)
+    rope = getattr(hf_config, "rope_parameters", None) or {}
+    if rope.get("rope_type") == "dynamic" or not limit or config.max_seq_len <= limit:
+        return  # dynamic NTK scaling is meant to run past the trained length
+    raise ConfigError(f"--max-seq-len {config.max_seq_len} is above the model's max_position_embeddings {limit} "
+                      f"({model_path or 'built-in model'}): it was never trained on positions past it; "
+                      f"use --max-seq-len {limit} or less")
+
+
+def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime, model_path: Path | None = None
+                             ) -> tuple[Any, Any]:
+    """The model (converted unless backend 'hf') and its tokenizer; never runs code from the checkpoint."""
+    if model_path is None:
+        tokenizer = builtin_tokenizer()
+        model = builtin_model(tokenizer, dtype=runtime.param_dtype, seed=config.seed).to(runtime.device)
+        if runtime.backend != "hf":
+            model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv)
+    elif runtime.backend == "hf":  # the baseline: transformers as is (SDPA attention)
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=runtime.param_dtype,
+                                                     trust_remote_code=False).to(runtime.device)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
+        model = from_pretrained(model_path, backend=runtime.backend, torch_dtype=runtime.param_dtype,
+                                fuse_qkv=config.fuse_qkv, device=runtime.device)
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token "
+                            "(padding mode needs one) or use --packing")
+        tokenizer.pad_token = tokenizer.eos_token
+        logger.info("tokenizer has no pad token: using eos %r (pad positions carry no loss)", tokenizer.eos_token)
+    return prepare_for_training(model, config, runtime), tokenizer
+
+
+def prepare_for_training(model: Any, config: FinetuneConfig, runtime: Runtime) -> Any:
+    """The run's layer options on a loaded model: first/last layers in BF16 under FP8, activation checkpointing."""
+    if config.bf16_first_layers or config.bf16_last_layers:  # before graphs and sharding see the layers
+        kept = keep_layers_in_bf16(model, config.bf16_first_layers, config.bf16_last_layers)
+        logger.info("decoder layers %s run in BF16%s", kept, "" if runtime.precision in FP8_PRECISIONS
+                    else f" (inert: precision {runtime.precision} has no FP8)")
+    if config.activation_checkpointing:  # renamed in newer transformers; same switch
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()

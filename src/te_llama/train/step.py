@@ -1,0 +1,225 @@
+"""The one training step: what `te-llama finetune` runs in its loop and `te-llama bench` times.
+
+`build_train_step(config, runtime, model, accelerator, ...)` decides the speed features from
+the configuration (each `auto` feature on wherever it is valid and exact, an explicit one that
+cannot run refused with the fix), builds AdamW and the schedule, and returns a `TrainStep`:
+forward under the run's precision, backward, clipping, AdamW, schedule, zero_grad, over the
+micro-batches of one optimizer step. CUDA graphs are captured on the first call, after a resumed
+run has loaded its weights.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from transformers import get_scheduler
+
+from ..availability import triton_available
+from ..model.convert import decoder_layers
+from ..precision import FP8_PRECISIONS, autocast
+from .batching import Batch
+from .config import ConfigError, FinetuneConfig
+from .cuda_graphs import (
+    StaticShape,
+    capture_cuda_graphs,
+    graphs_leave_room,
+    graphs_unsupported_reason,
+    installed_graphs,
+    release_cuda_graphs,
+)
+from .faults import out_of_memory
+from .layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
+from .loss import causal_lm_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """Choices resolved from 'auto' for this machine."""
+
+    device: torch.device
+    backend: str
+    precision: str
+    param_dtype: torch.dtype
+
+
+@dataclass(frozen=True)
+class Features:
+    """The speed features a run uses, decided once at start (`resolve_features`)."""
+
+    cuda_graphs: bool
+    overlap_optimizer: bool
+    fused_loss: bool
+    optimizer_kernel: str
+    """"triton" (te_llama.train.triton_adamw) on CUDA without FSDP2, else "torch" (fused AdamW on CUDA)."""
+
+
+def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any, world: int) -> str | None:
+    if runtime.backend != "te":
+        return f"backend {runtime.backend!r} (graphs are for TE layers): use --backend te"
+    if not config.packing:
+        return "padding gives every batch another shape: use --packing"
+    if world > 1 or config.parallel == "fsdp2":
+        return "several processes / FSDP2 gather or reduce outside any graph: run one process"
+    return graphs_unsupported_reason(model) if model is not None else None
+
+
+def _overlap_blocker(config: FinetuneConfig, world: int) -> str | None:
+    if config.grad_accum > 1:
+        return "gradients are final only after the last micro-batch: use --grad-accum 1"
+    if config.max_grad_norm > 0:
+        return "clipping by the global norm needs every gradient before any update: use --max-grad-norm 0"
+    if world > 1 or config.parallel == "fsdp2":
+        return "several processes reduce gradients after backward: run one process"
+    if config.activation_checkpointing:
+        return "activation checkpointing re-runs layers inside backward: drop --activation-checkpointing"
+    return None
+
+
+def _fused_loss_blocker(config: FinetuneConfig, runtime: Runtime, world: int) -> str | None:
+    if runtime.backend == "hf":
+        return "backend 'hf' is the baseline as transformers runs it"
+    if world > 1 or config.parallel == "fsdp2":
+        return "several processes: DDP and FSDP2 act in the model's forward, which the fused loss goes around"
+    return None
+
+
+def _decide(name: str, asked: bool | None, blocker: str | None, log: bool) -> bool:
+    """Explicit on: honoured or refused with the fix. Unset: on wherever it runs (why not: logged once)."""
+    if asked and blocker:
+        raise ConfigError(f"--{name.replace('_', '-')} cannot run here: {blocker}")
+    if asked is None and blocker and log:
+        logger.info("%s off: %s", name.replace("_", " "), blocker.rsplit(":", 1)[0])
+    return bool(asked if asked is not None else blocker is None)
+
+
+def resolve_features(config: FinetuneConfig, runtime: Runtime, model: Any, world: int, log: bool = True) -> Features:
+    """The speed features of this run. `model=None` checks what the configuration alone decides
+    (the recipe does that before loading anything; the model can still rule CUDA graphs out)."""
+    kernel = "triton" if triton_available(runtime.device) and config.parallel != "fsdp2" else "torch"
+    graphs = _graphs_blocker(config, runtime, model, world)
+    return Features(cuda_graphs=_decide("cuda_graphs", config.cuda_graphs, graphs, log),
+                    overlap_optimizer=_decide("overlap_optimizer", config.overlap_optimizer,
+                                              _overlap_blocker(config, world), log),
+                    fused_loss=_decide("fused_loss", config.fused_loss, _fused_loss_blocker(config, runtime, world), log),
+                    optimizer_kernel=kernel)
+
+
+def make_optimizer(config: FinetuneConfig, runtime: Runtime, model: Any, features: Features) -> torch.optim.Optimizer:
+    """AdamW: per decoder layer during backward (overlap), or after backward; Triton's update kernel
+    where it runs. LayerwiseAdamW without layers is AdamW after backward."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    adamw = {"lr": config.learning_rate, "weight_decay": config.weight_decay, "fused": runtime.device.type == "cuda"}
+    logger.info("optimizer: AdamW, %s kernel%s", features.optimizer_kernel,
+                ", each layer updated during backward" if features.overlap_optimizer else "")
+    if not features.overlap_optimizer and features.optimizer_kernel == "torch":
+        return torch.optim.AdamW(params, **adamw)
+    layers = list(decoder_layers(model)) if features.overlap_optimizer else []
+    shared = GRAD_BUFFER_SETS if features.overlap_optimizer and features.cuda_graphs and config.fuse_qkv else 0
+    return LayerwiseAdamW(model, layers, reused_grad_buffers=shared, kernel=features.optimizer_kernel, **adamw)
+
+
+class TrainStep:
+    """One optimizer step over a list of micro-batches; returns (mean loss, grad norm or None)."""
+
+    def __init__(self, config: FinetuneConfig, runtime: Runtime, features: Features, model: Any, raw_model: Any,
+                 optimizer: torch.optim.Optimizer, scheduler: Any, accelerator: Accelerator,
+                 graph_shape: StaticShape | None, clip: Callable[[], Any] | None) -> None:
+        self.config, self.runtime, self.features = config, runtime, features
+        self.model, self.raw_model = model, raw_model
+        """`model` as prepared (DDP-wrapped with several processes); `raw_model` the HF model itself."""
+        self.optimizer, self.scheduler, self.accelerator = optimizer, scheduler, accelerator
+        self.graph_shape = graph_shape
+        """The micro-batch shape the layers are captured for (None: eager); rows are padded to it."""
+        self._clip = clip
+        self._loss = self._fused_loss if features.fused_loss else self._model_loss
+
+    def _fused_loss(self, inputs: dict) -> torch.Tensor:
+        return causal_lm_loss(self.raw_model, **inputs)
+
+    def _model_loss(self, inputs: dict) -> torch.Tensor:
+        return self.model(**inputs).loss
+
+    def capture_graphs(self) -> None:
+        """Capture the decoder layers for `graph_shape` (before the first step; after loading a resume)."""
+        shared = GRAD_BUFFER_SETS if self.features.overlap_optimizer and self.config.fuse_qkv else 0
+        try:
+            capture_cuda_graphs(self.raw_model, self.graph_shape, self.runtime.precision,
+                                accumulate_grads=self.config.grad_accum > 1, shared_grad_buffers=shared)
+        except torch.OutOfMemoryError:
+            release_cuda_graphs(self.raw_model)
+            raise out_of_memory(self.runtime.device, self.graph_shape.tokens, memory_fixes(self.config, self.runtime,
+                                graphed=True), "while capturing the CUDA graphs") from None
+        logits_bytes = 3 * self.graph_shape.tokens * self.raw_model.config.vocab_size * 4
+        fits, detail = graphs_leave_room(self.raw_model, self.runtime.device, logits_bytes + 2 * 2**30)
+        if not fits:
+            release_cuda_graphs(self.raw_model)
+            message = (f"CUDA graphs keep their activation memory reserved and would leave too little for the "
+                       f"optimizer ({detail}); lower --batch-size or --max-seq-len")
+            if self.config.cuda_graphs:
+                raise ConfigError(f"--cuda-graphs: {message}")
+            logger.warning("CUDA graphs off: %s; running eagerly", message)
+            self.graph_shape = None
+            return
+        if self.runtime.precision in FP8_PRECISIONS:  # FP8 weights cast once per step, not per micro-batch
+            installed_graphs(self.raw_model).track_weight_updates(getattr(self.optimizer, "optimizer", self.optimizer))
+
+    def __call__(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, Any]:
+        if self.graph_shape is not None and installed_graphs(self.raw_model) is None:
+            self.capture_graphs()
+        loss_sum = torch.zeros((), device=self.runtime.device)
+        for batch in micro_batches:
+            inputs = {k: v.to(self.runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
+            with autocast(self.runtime.precision):
+                loss = self._loss(inputs)
+            self.accelerator.backward(loss / len(micro_batches))
+            loss_sum += loss.detach()
+        grad_norm = self._clip() if self._clip is not None else None
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum / len(micro_batches), grad_norm
+
+
+def build_train_step(config: FinetuneConfig, runtime: Runtime, model: Any, accelerator: Accelerator, steps: int,
+                     world: int = 1, graph_shape: StaticShape | None = None) -> TrainStep:
+    """The configured step for `model` (already converted, and sharded under FSDP2).
+
+    `graph_shape`: the packed micro-batch the CUDA graphs are captured for, when they are on.
+    """
+    features = resolve_features(config, runtime, model, world)
+    optimizer = make_optimizer(config, runtime, model, features)
+    scheduler = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup",
+                              optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
+    fsdp = config.parallel == "fsdp2"
+    raw_model = model
+    if not fsdp:  # the schedule counts global steps, so it stays outside prepare() (stepped once per process)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    clip = None
+    if config.max_grad_norm > 0:
+        params = [p for p in raw_model.parameters() if p.requires_grad]
+        clip = (lambda: torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)) if fsdp else \
+            (lambda: accelerator.clip_grad_norm_(params, config.max_grad_norm))
+    return TrainStep(config, runtime, features, model, raw_model, optimizer, scheduler, accelerator,
+                     graph_shape if features.cuda_graphs else None, clip)
+
+
+def memory_fixes(config: FinetuneConfig, runtime: Runtime, graphed: bool) -> list[str]:
+    """The options that lower this run's GPU memory, most effective first."""
+    fixes = [f"--batch-size {max(1, config.batch_size // 2)} (now {config.batch_size}; add --grad-accum "
+             f"{2 * config.grad_accum} to keep the batch)" if config.batch_size > 1 else
+             f"--max-seq-len {max(1, config.max_seq_len // 2)} (now {config.max_seq_len})"]
+    if not config.activation_checkpointing:
+        fixes.append("--activation-checkpointing (recompute layers in backward: about a third more compute)")
+    if graphed:
+        fixes.append("--no-cuda-graphs (graphs keep their activation memory reserved)")
+    if runtime.param_dtype == torch.float32 and runtime.device.type == "cuda":
+        fixes.append("--param-dtype bfloat16")
+    fixes.append("several GPUs with --parallel fsdp2 (shards weights and optimizer state)")
+    return fixes
