@@ -218,7 +218,6 @@ def test_finetune_default_uses_graphs_and_matches_eager(tmp_path, caplog, grad_a
     record_metric(grad_accum=grad_accum, graphed_loss=results[True].final_loss,
                   eager_loss=results[False].final_loss, relative_gap=gap)
     assert "captured CUDA graphs" in messages and "does not fit the CUDA graphs" not in messages
-    assert "CUDA graphs off: --no-cuda-graphs" in messages
     assert gap <= 1e-2  # padded rows change GEMM shapes (and summation order), nothing else
 
 
@@ -264,7 +263,7 @@ def test_finetune_overlaps_the_optimizer_without_clipping(tmp_path, caplog, reco
     losses, gap = finetune_both_ways(tmp_path, caplog, "overlap_optimizer", precision="bf16", max_grad_norm=0.0)
     record_metric(overlapped_loss=losses[True], adamw_loss=losses[False], relative_gap=gap)
     assert caplog.text.count("captured CUDA graphs") == 2
-    assert caplog.text.count("optimizer overlap off") == 1
+    assert caplog.text.count("each layer updated during backward") == 1
     assert gap <= 1e-6
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -62,6 +62,8 @@ class BenchResult:
     status: str
     """"ok", "skipped" or "failed"."""
     reason: str | None = None
+    options: str | None = None
+    """The row's finetune options that differ from te-llama finetune's defaults (e.g. clipping off)."""
     median_ms: float | None = None
     p10_ms: float | None = None
     p90_ms: float | None = None
@@ -120,6 +122,17 @@ def peak_tflops(device) -> float | None:
         return None
     name = torch.cuda.get_device_name(device)
     return next((v for k, v in DENSE_BF16_PEAK_TFLOPS.items() if k in name), None)
+
+
+SHAPE_FIELDS = ("batch_size", "max_seq_len", "seed", "max_steps", "tensorboard", "learning_rate")
+"""Options every row sets from the bench's own flags: not part of what distinguishes a row."""
+
+
+def distinct_options(config: FinetuneConfig) -> str:
+    """The options of `config` that are not finetune's defaults, as `--flag value` text."""
+    defaults = FinetuneConfig()
+    return " ".join(f"--{f.name.replace('_', '-')} {getattr(config, f.name)}" for f in fields(FinetuneConfig)
+                    if f.name not in SHAPE_FIELDS and getattr(config, f.name) != getattr(defaults, f.name))
 
 
 def row_config(variant: Variant, settings: BenchSettings) -> FinetuneConfig:
@@ -199,7 +212,7 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     peak = peak_tflops(runtime.device)
     curve = [float(loss) for loss in losses]
     return BenchResult(
-        variant_name, "ok", median_ms=median, p10_ms=ordered[len(ordered) // 10],
+        variant_name, "ok", options=distinct_options(step.config), median_ms=median, p10_ms=ordered[len(ordered) // 10],
         p90_ms=ordered[min(len(ordered) - 1, (9 * len(ordered)) // 10)], tokens_per_s=tokens_per_s,
         tflops=tflops, mfu=tflops / peak if peak else None,
         peak_mem_gib=torch.cuda.max_memory_allocated() / 2**30 if cuda else None,

@@ -56,7 +56,7 @@ def render_table(report: dict, markdown: bool = False) -> str:
     s = report["settings"]
     head = ["variant", "ms/step (median)", "p10-p90", "tokens/s", "TFLOP/s", "MFU", "peak GiB", "reserved GiB",
             "final loss", "last-pass loss",
-            f"speedup vs {BASELINE}"]
+            f"speedup vs {BASELINE}", "finetune options"]
     rows = []
     ups = speedups(report["results"])
     for r in report["results"]:
@@ -68,7 +68,7 @@ def render_table(report: dict, markdown: bool = False) -> str:
                      _fmt(r["mfu"] and 100 * r["mfu"], ".1f") + ("%" if r["mfu"] else ""),
                      _fmt(r["peak_mem_gib"], ".1f"), _fmt(r.get("peak_reserved_gib"), ".1f"),
                      _fmt(r["final_loss"], ".3f"), _fmt(r.get("last_pass_loss"), ".3f"),
-                     f"{ups[r['variant']]:.2f}x" if r["variant"] in ups else "-"])
+                     f"{ups[r['variant']]:.2f}x" if r["variant"] in ups else "-", r.get("options") or "-"])
     title = f"{s['preset']}, batch {s['batch']} x {s['seq']} tokens, {s['steps']} timed steps after {s['warmup']}"
     if s.get("data", "random") != "random":
         title += f", {s['data']} data"

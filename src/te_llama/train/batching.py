@@ -91,7 +91,10 @@ def collate_padded(examples: Sequence[dict], pad_token_id: int, multiple: int = 
         labels[row, :n] = torch.tensor(example["labels"])
         mask[row, :n] = 1
     real = int(mask.sum())
-    return Batch({"input_ids": ids, "labels": labels, "attention_mask": mask}, real, ids.numel())
+    inputs = {"input_ids": ids, "labels": labels}
+    if real < ids.numel():  # without padding, no mask: transformers then takes its plain causal attention path
+        inputs["attention_mask"] = mask
+    return Batch(inputs, real, ids.numel())
 
 
 def plan_epoch(lengths: Sequence[int], packing: bool, batch_size: int, max_seq_len: int,
