@@ -12,6 +12,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -21,7 +22,13 @@ from ..model.builtin import SAMPLE_TEXT, asset_path
 from ..model.hf_checkpoint import save_pretrained
 from ..model.source import resolve_model
 from ..precision import autocast
-from .batching import Batch, collate_packed, collate_padded, max_docs_per_batch, plan_epoch
+from .batching import (
+    Batch,
+    collate_packed,
+    collate_padded,
+    max_docs_per_batch,
+    plan_epoch,
+)
 from .checkpoints import (
     Position,
     checkpoints,
@@ -43,9 +50,14 @@ from .parallel import (
     save_sharded_checkpoint,
     shard_fsdp2,
 )
-from .run_dir import check_output_dir, check_resume_fingerprint, prepare_output_dir, resume_command
+from .run_dir import (
+    check_output_dir,
+    check_resume_fingerprint,
+    prepare_output_dir,
+    resume_command,
+)
 from .setup import check_sequence_length, load_model_and_tokenizer, resolve_runtime
-from .step import Runtime, build_train_step, memory_fixes, resolve_features
+from .step import Runtime, TrainStep, build_train_step, memory_fixes, resolve_features
 
 logger = logging.getLogger(__name__)
 
@@ -142,15 +154,49 @@ def _truncate_metrics(path: Path, step: int) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def finetune(config: FinetuneConfig) -> FinetuneResult:
-    # ---- setup: every check before any slow work; the first write only once model and data are good
+@dataclass
+class Run:
+    """Everything a started run holds: set up once by `start_run`, then trained and saved."""
+
+    config: FinetuneConfig
+    runtime: Runtime
+    accelerator: Accelerator
+    tokenizer: Any
+    train: BatchSource
+    evals: BatchSource | None
+    steps: int
+    step: TrainStep
+    position: Position
+    metrics: MetricsLog | None
+    """Written by the main process only."""
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.output_dir)
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.out / "checkpoints"
+
+    def save_checkpoint(self) -> None:
+        config, step = self.config, self.step
+        if config.parallel == "fsdp2":  # every rank writes its shards
+            save_sharded_checkpoint(self.checkpoints, self.position, step.model, step.optimizer, step.scheduler,
+                                    config.keep_last)
+        elif self.accelerator.is_main_process:  # data-parallel replicas are identical: one copy is the checkpoint
+            save_checkpoint(self.checkpoints, self.position, step.raw_model, step.optimizer, step.scheduler,
+                            config.keep_last)
+        self.accelerator.wait_for_everyone()
+
+
+def start_run(config: FinetuneConfig) -> Run:
+    """Every check before any slow work; the first write only once model and data are known good."""
     runtime = resolve_runtime(config)
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")
-    main, rank, world = accelerator.is_main_process, accelerator.process_index, accelerator.num_processes
+    main, world = accelerator.is_main_process, accelerator.num_processes
     if world > 1 and runtime.device.type == "cuda":
         runtime.device = accelerator.device
-    fsdp = config.parallel == "fsdp2"
-    if fsdp:
+    if config.parallel == "fsdp2":
         require_process_group("fsdp2")
     out = Path(config.output_dir)
     check_output_dir(config, world)
@@ -172,6 +218,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     if main:
         prepare_output_dir(config, world, fingerprint)
         sweep_interrupted_exports(out)
+        sweep_incomplete(out / "checkpoints")
         (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
     accelerator.wait_for_everyone()
     train_set, eval_set = split_eval(examples, config.eval_fraction, config.seed)
@@ -179,45 +226,39 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     train = BatchSource(train_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours)
     evals = BatchSource(eval_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours) if eval_set is not None else None
     steps = total_steps(config, train, world)
-    if fsdp:
+    if config.parallel == "fsdp2":
         model = shard_fsdp2(model)
     step = build_train_step(config, runtime, model, accelerator, steps, world,
                             graph_shape(config, train, steps) if config.packing else None)
     train.pad_to = step.graph_shape.tokens if step.graph_shape else None
-
-    ckpt_root = out / "checkpoints"
-    if main:
-        sweep_incomplete(ckpt_root)
-    accelerator.wait_for_everyone()
-    position = Position()
-    metrics = MetricsLog(out, config.tensorboard and main) if main else None
+    run = Run(config, runtime, accelerator, tokenizer, train, evals, steps, step, Position(),
+              MetricsLog(out, config.tensorboard) if main else None)
     if config.resume:
-        found = checkpoints(ckpt_root)
-        load_state = load_sharded_checkpoint if fsdp else load_checkpoint
-        position = load_state(found[-1], step.raw_model, step.optimizer, step.scheduler)
+        found = checkpoints(run.checkpoints)[-1]
+        load_state = load_sharded_checkpoint if config.parallel == "fsdp2" else load_checkpoint
+        run.position = load_state(found, step.raw_model, step.optimizer, step.scheduler)
         if main:
-            _truncate_metrics(metrics.path, position.step)
-        logger.info("resumed from %s (step %d)", found[-1], position.step)
-    _log_start(config, runtime, report, len(train_set), steps, position)
+            _truncate_metrics(run.metrics.path, run.position.step)
+        logger.info("resumed from %s (step %d)", found, run.position.step)
+    _log_start(config, runtime, report, len(train_set), steps, run.position)
+    return run
 
-    def save() -> None:
-        if fsdp:  # every rank writes its shards
-            save_sharded_checkpoint(ckpt_root, position, step.model, step.optimizer, step.scheduler, config.keep_last)
-        elif main:  # data-parallel replicas are identical: one copy is the checkpoint
-            save_checkpoint(ckpt_root, position, step.raw_model, step.optimizer, step.scheduler, config.keep_last)
-        accelerator.wait_for_everyone()
 
-    # ---- train
-    stop_at = min(steps, position.step + config.stop_after_steps) if config.stop_after_steps else steps
+def train(run: Run) -> tuple[float, float | None, list[float]]:
+    """Optimizer steps until the end (or --stop-after-steps): the last loss, the last eval loss and
+    each step's useful tokens/s. A signal stops after the current step, with a checkpoint."""
+    config, position, accelerator, device = run.config, run.position, run.accelerator, run.runtime.device
+    rank, world = accelerator.process_index, accelerator.num_processes
+    stop_at = min(run.steps, position.step + config.stop_after_steps) if config.stop_after_steps else run.steps
     last_loss, eval_loss, speeds = float("nan"), None, []
-    bar = tqdm(total=steps, initial=position.step, desc="finetune", disable=not main)
+    bar = tqdm(total=run.steps, initial=position.step, desc="finetune", disable=not accelerator.is_main_process)
     last_save = time.monotonic()
     try:
         with StopRequests() as stops:
             while position.step < stop_at:
                 start = time.perf_counter()
-                micro_batches = [train.next(position, rank, world) for _ in range(config.grad_accum)]
-                loss, grad_norm = step(micro_batches)
+                micro_batches = [run.train.next(position, rank, world) for _ in range(config.grad_accum)]
+                loss, grad_norm = run.step(micro_batches)
                 real = sum(b.real_tokens for b in micro_batches)
                 padded = sum(b.padded_tokens for b in micro_batches)
                 position.step += 1
@@ -225,58 +266,62 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
                     time.monotonic() - last_save >= 60 * config.save_every_minutes
                 signum = stops.signum or 0
                 if world > 1:  # the global batch's mean loss and token counts; every rank stops together
-                    counts = accelerator.reduce(torch.tensor([real, padded], device=runtime.device), "sum")
+                    counts = accelerator.reduce(torch.tensor([real, padded], device=device), "sum")
                     loss, (real, padded) = accelerator.reduce(loss, "mean"), counts.tolist()
-                    flags = torch.tensor([signum, int(save_due)], device=runtime.device)
+                    flags = torch.tensor([signum, int(save_due)], device=device)
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
                     signum, save_due = int(flags[0]), bool(flags[1])
                 last_loss = float(loss)  # syncs the device: the step is done
                 elapsed = time.perf_counter() - start
                 speeds.append(real / elapsed)
-                if main:
-                    metrics.log("train", position.step, loss=last_loss, lr=step.scheduler.get_last_lr()[0],
-                                grad_norm=grad_norm_value(grad_norm) if grad_norm is not None else None,
-                                step_ms=1000 * elapsed, tokens_per_s=real / elapsed, real_tokens=real,
-                                padded_tokens=padded, epoch=position.epoch)
+                if run.metrics is not None:
+                    run.metrics.log("train", position.step, loss=last_loss, lr=run.step.scheduler.get_last_lr()[0],
+                                    grad_norm=grad_norm_value(grad_norm) if grad_norm is not None else None,
+                                    step_ms=1000 * elapsed, tokens_per_s=real / elapsed, real_tokens=real,
+                                    padded_tokens=padded, epoch=position.epoch)
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{real / elapsed:,.0f}")
-                if evals is not None and (position.step % config.eval_every == 0 or position.step == steps):
-                    eval_loss = evaluate(step.model, evals, runtime)
-                    if main:
-                        metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
+                if run.evals is not None and (position.step % config.eval_every == 0 or position.step == run.steps):
+                    eval_loss = evaluate(run.step.model, run.evals, run.runtime)
+                    if run.metrics is not None:
+                        run.metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
                 on_schedule = config.save_every > 0 and (position.step % config.save_every == 0 or
                                                          position.step == stop_at)
-                stopping = signum and position.step < steps
+                stopping = signum and position.step < run.steps
                 if on_schedule or save_due or stopping:
-                    save()
+                    run.save_checkpoint()
                     last_save = time.monotonic()
                 if stopping:
-                    raise TrainingInterrupted(f"{signal_name(signum)}: stopped after step {position.step} of {steps}; "
-                                              f"checkpoint saved in {ckpt_root}. Continue with: {resume_command()}",
-                                              signum)
+                    raise TrainingInterrupted(f"{signal_name(signum)}: stopped after step {position.step} of "
+                                              f"{run.steps}; checkpoint saved in {run.checkpoints}. Continue with: "
+                                              f"{resume_command()}", signum)
     except torch.OutOfMemoryError:
-        raise out_of_memory(runtime.device, config.batch_size * config.max_seq_len,
-                            memory_fixes(config, runtime, step.graph_shape is not None),
+        raise out_of_memory(device, config.batch_size * config.max_seq_len,
+                            memory_fixes(config, run.runtime, run.step.graph_shape is not None),
                             f"at step {position.step + 1}") from None
     finally:
         bar.close()
-        if main:
-            metrics.close()
+        if run.metrics is not None:
+            run.metrics.close()
+    return last_loss, eval_loss, speeds
 
-    # ---- save
+
+def finetune(config: FinetuneConfig) -> FinetuneResult:
+    run = start_run(config)
+    last_loss, eval_loss, speeds = train(run)
     exported = None
-    if position.step == steps:
-        gathered = full_state_dict(step.model) if fsdp else None  # a collective: every rank takes part
-        if main:
-            exported = export_final(step.raw_model, tokenizer, out / "final", runtime.backend, gathered)
-    if main:
-        plot_metrics(metrics.path, out / "metrics.png")
-    accelerator.wait_for_everyone()
-    # ---- cleanup
+    if run.position.step == run.steps:  # finished: the HF export
+        fsdp = config.parallel == "fsdp2"
+        gathered = full_state_dict(run.step.model) if fsdp else None  # a collective: every rank takes part
+        if run.accelerator.is_main_process:
+            exported = export_final(run.step.raw_model, run.tokenizer, run.out / "final", run.runtime.backend,
+                                    gathered)
+    if run.accelerator.is_main_process:
+        plot_metrics(run.metrics.path, run.out / "metrics.png")
+    run.accelerator.wait_for_everyone()
     tail = speeds[len(speeds) // 5:] or speeds
-    result = FinetuneResult(position.step, last_loss, eval_loss, sum(tail) / max(len(tail), 1), out, exported)
-    accelerator.end_training()
-    return result
+    run.accelerator.end_training()
+    return FinetuneResult(run.position.step, last_loss, eval_loss, sum(tail) / max(len(tail), 1), run.out, exported)
 
 
 def export_final(model, tokenizer, path: Path, backend: str, state_dict: dict | None = None) -> Path:
