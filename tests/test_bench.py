@@ -143,6 +143,15 @@ def test_the_bench_times_the_finetune_step(monkeypatch) -> None:
     assert built == [measure_module.row_config(VARIANTS["reference"], settings)]
 
 
+@pytest.mark.parametrize("flag", ["--grad-accum", "--parallel"])
+def test_options_the_bench_cannot_time_are_not_accepted(flag, capsys) -> None:
+    from te_llama.cli import main
+
+    with pytest.raises(SystemExit):  # one process, one micro-batch per step: not passed through
+        main(["bench", flag, "2"])
+    assert "unrecognized arguments" in capsys.readouterr().err
+
+
 def test_the_variant_list_is_short_and_described(capsys) -> None:
     from te_llama.cli import main
 

@@ -306,8 +306,9 @@ def test_auto_features_are_on_only_where_exact() -> None:
                                 1).overlap_optimizer
     several = resolve_features(resolve_config(max_grad_norm=0.0), cpu, None, 2)
     assert not several.overlap_optimizer and not several.fused_loss
-    baseline = Runtime(torch.device("cpu"), "hf", "fp32", torch.float32)
-    assert not resolve_features(resolve_config(), baseline, None, 1).fused_loss
+    baseline = Runtime(torch.device("cuda"), "hf", "bf16", torch.bfloat16)  # transformers as is, on any device
+    features = resolve_features(resolve_config(max_grad_norm=0.0), baseline, None, 1)
+    assert (features.fused_loss, features.overlap_optimizer, features.optimizer_kernel) == (False, False, "torch")
 
 
 @pytest.mark.parametrize(("option", "backend", "message"), [

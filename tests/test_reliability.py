@@ -128,6 +128,14 @@ def test_overwrite_replaces_only_te_llamas_entries_of_a_previous_run(tmp_path) -
     assert json.loads((first.output_dir / "run_config.json").read_text())["max_steps"] == 3
 
 
+def test_a_new_run_never_deletes_the_model_or_data_it_reads(tmp_path) -> None:
+    previous = run(tmp_path, max_steps=2)  # its export: tmp_path/run/final
+    with pytest.raises(RunDirectoryError, match=r"--model .*final is inside .*final, which starting a new run"):
+        run(tmp_path, model=str(previous.exported), max_steps=2, overwrite=True)
+    assert (previous.exported / "config.json").is_file()
+    assert run(tmp_path, "next", model=str(previous.exported), max_steps=2).steps == 2  # elsewhere: fine
+
+
 def test_overwrite_refuses_the_home_folder_and_parents_of_the_working_directory(tmp_path, monkeypatch) -> None:
     previous = run(tmp_path, max_steps=2)  # a finished run in tmp_path/run
     inside = previous.output_dir / "final"
@@ -234,7 +242,7 @@ def test_a_signal_saves_a_checkpoint_and_the_resumed_run_continues_exactly(tmp_p
 
 
 def test_time_based_checkpoints(tmp_path) -> None:
-    result = run(tmp_path, max_steps=3, save_every=0, save_every_minutes=1e-9, keep_last=2)
+    result = run(tmp_path, max_steps=3, save_every=1000, save_every_minutes=1e-9, keep_last=2)
     assert [p.name for p in checkpoints(result.output_dir / "checkpoints")] == ["step-00000002", "step-00000003"]
 
 

@@ -108,8 +108,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] =
 
 
 BENCH_OPTION_GROUPS = ("optimization", "speed")
-BENCH_SETS = ("batch_size", "max_steps", "epochs", "stop_after_steps", "seed", "learning_rate")
-"""Finetune options the bench's own flags set (--batch, --seq, --steps, --seed, --lr)."""
+BENCH_SETS = ("batch_size", "max_steps", "epochs", "stop_after_steps", "seed", "learning_rate", "grad_accum",
+              "parallel")
+"""Finetune options the bench does not pass through: its own flags set them (--batch, --steps, --seed,
+--lr), and it times one process and one micro-batch per step."""
 BENCH_OPTION_GROUPS_FIELDS = [name for group in BENCH_OPTION_GROUPS for name in GROUPS[group] if name not in BENCH_SETS]
 
 

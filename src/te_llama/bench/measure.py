@@ -167,6 +167,7 @@ def build_step(variant: Variant, settings: BenchSettings):
     model = apply_peer(variant.peer, prepare_for_training(model, config, runtime))
     shape = StaticShape(settings.batch * settings.seq, settings.batch, settings.seq) if config.packing else None
     step = build_train_step(config, runtime, model, accelerator, config.max_steps, 1, shape)
+    step.capture_graphs()
     return step, runtime
 
 

@@ -232,7 +232,7 @@ def sweep_incomplete(root: Path) -> None:
 
 
 def sweep_interrupted_exports(output_dir: Path) -> None:
-    """Clean up after a killed export of OUTPUT_DIR/final (`checkpoint.sweep_interrupted_save`)."""
+    """Clean up after a killed export of OUTPUT_DIR/final (`te_llama.model.hf_checkpoint.sweep_interrupted_save`)."""
     sweep_interrupted_save(output_dir / EXPORT_NAME)
 
 

@@ -122,7 +122,7 @@ class FinetuneConfig:
     """Training checkpoint every N steps and at the end (0 = none: only the final HF export)."""
     save_every_minutes: float = 60.0
     """Also a checkpoint once this many minutes passed since the last one, so a crash loses at most
-    this much work whatever the step time (0 = by steps only)."""
+    this much work whatever the step time (0 = by steps only; save_every 0 turns both off)."""
     keep_last: int = 2
     """Checkpoints kept (older ones deleted after a newer one is complete)."""
     resume: bool = False

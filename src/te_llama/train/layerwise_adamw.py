@@ -143,7 +143,3 @@ class LayerwiseAdamW(torch.optim.AdamW):
         self._stepped.clear()
         self._updated.clear()
 
-    def remove_hooks(self) -> None:
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks.clear()

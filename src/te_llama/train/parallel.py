@@ -6,7 +6,7 @@ on another number of processes. The final HF export gathers one full state dict 
 
 DCP's own reader unpickles its `.metadata` file unrestricted and reads non-tensor values with
 `torch.load(weights_only=False)`; te-llama reads both with only plain data allowed, like its
-own `trainer.pt` (training_state.py), so resuming runs no code from the run folder.
+own `trainer.pt` (te_llama.train.checkpoints), so resuming runs no code from the run folder.
 """
 
 from __future__ import annotations
@@ -50,7 +50,6 @@ from .checkpoints import (
     write_meta,
 )
 
-PARALLEL_MODES = ("ddp", "fsdp2")
 TRAINER_FILE = "trainer.pt"
 DCP_METADATA_FILE = ".metadata"
 

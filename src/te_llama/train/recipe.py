@@ -206,6 +206,7 @@ def start_run(config: FinetuneConfig) -> Run:
     check_sequence_length(config, model_path)
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config, runtime, model_path)
+    resolve_features(config, runtime, model, world, log=False)  # what only the model can rule out, still before writing
     data = config.data or str(asset_path(SAMPLE_TEXT))
     fingerprint = data_fingerprint(data, tokenizer, config.data_split)
     if config.resume:
@@ -230,7 +231,6 @@ def start_run(config: FinetuneConfig) -> Run:
         model = shard_fsdp2(model)
     step = build_train_step(config, runtime, model, accelerator, steps, world,
                             graph_shape(config, train, steps) if config.packing else None)
-    train.pad_to = step.graph_shape.tokens if step.graph_shape else None
     run = Run(config, runtime, accelerator, tokenizer, train, evals, steps, step, Position(),
               MetricsLog(out, config.tensorboard) if main else None)
     if config.resume:
@@ -240,6 +240,8 @@ def start_run(config: FinetuneConfig) -> Run:
         if main:
             _truncate_metrics(run.metrics.path, run.position.step)
         logger.info("resumed from %s (step %d)", found, run.position.step)
+    step.capture_graphs()  # after loading a resumed run's weights
+    train.pad_to = step.graph_shape.tokens if step.graph_shape else None  # graphs need one shape
     _log_start(config, runtime, report, len(train_set), steps, run.position)
     return run
 
@@ -262,7 +264,7 @@ def train(run: Run) -> tuple[float, float | None, list[float]]:
                 real = sum(b.real_tokens for b in micro_batches)
                 padded = sum(b.padded_tokens for b in micro_batches)
                 position.step += 1
-                save_due = config.save_every_minutes > 0 and \
+                save_due = config.save_every > 0 and config.save_every_minutes > 0 and \
                     time.monotonic() - last_save >= 60 * config.save_every_minutes
                 signum = stops.signum or 0
                 if world > 1:  # the global batch's mean loss and token counts; every rank stops together

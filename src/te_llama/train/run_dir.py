@@ -17,7 +17,7 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..errors import TeLlamaError
-from .checkpoints import checkpoints
+from .checkpoints import checkpoints, read_meta
 from .config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
 
 logger = logging.getLogger(__name__)
@@ -96,15 +96,33 @@ def check_output_dir(config: FinetuneConfig, world: int = 1) -> None:
     if reason:
         raise RunDirectoryError(f"--output-dir {out}: te-llama does not clear this folder ({reason}); choose a "
                                 "dedicated --output-dir")
+    for option, value in (("--model", config.model), ("--data", config.data)):
+        inside = _inside_own_entry(out, value)
+        if inside:
+            raise RunDirectoryError(f"{option} {value} is inside {inside}, which starting a new run in --output-dir "
+                                    f"{out} would delete; copy it elsewhere first, or choose another --output-dir")
+
+
+def _inside_own_entry(out: Path, value: str | None) -> Path | None:
+    """The te-llama entry of `out` that holds the path `value`, if any (it would be deleted with it)."""
+    if not value or not (out / RUN_CONFIG).is_file():
+        return None
+    path = Path(value).expanduser().resolve()
+    for entry in out.iterdir():
+        if _own(entry.name, OWN_ENTRIES) and (path == entry.resolve() or entry.resolve() in path.parents):
+            return entry
+    return None
 
 
 def _check_resume(config: FinetuneConfig, out: Path, world: int) -> None:
     saved = out / RUN_CONFIG
     if not saved.is_file():
         raise RunDirectoryError(f"--resume: {out} holds no te-llama run to resume ({RUN_CONFIG} missing)")
-    if not checkpoints(out / CHECKPOINTS):
+    found = checkpoints(out / CHECKPOINTS)
+    if not found:
         raise RunDirectoryError(f"--resume: the run in {out} stopped before its first checkpoint, so there is "
                                 "nothing to resume; start it again without --resume (its folder is reused)")
+    read_meta(found[-1])  # a checkpoint this te-llama cannot read is the first thing to say
     # A setting added after the run started is absent from its file: it ran with the default.
     previous = {f.name: f.default for f in fields(FinetuneConfig)} | json.loads(saved.read_text())
     global_batch = previous.get("grad_accum", 1) * previous.get("world_size", 1)

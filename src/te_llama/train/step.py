@@ -63,6 +63,8 @@ class Features:
 def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any, world: int) -> str | None:
     if runtime.backend != "te":
         return f"backend {runtime.backend!r} (graphs are for TE layers): use --backend te"
+    if config.activation_checkpointing:
+        return "activation checkpointing recomputes layers outside the graph: drop --activation-checkpointing"
     if not config.packing:
         return "padding gives every batch another shape: use --packing"
     if world > 1 or config.parallel == "fsdp2":
@@ -70,7 +72,9 @@ def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any, world:
     return graphs_unsupported_reason(model) if model is not None else None
 
 
-def _overlap_blocker(config: FinetuneConfig, world: int) -> str | None:
+def _overlap_blocker(config: FinetuneConfig, runtime: Runtime, world: int) -> str | None:
+    if runtime.backend == "hf":
+        return "backend 'hf' is the baseline as transformers runs it (torch's AdamW after backward)"
     if config.grad_accum > 1:
         return "gradients are final only after the last micro-batch: use --grad-accum 1"
     if config.max_grad_norm > 0:
@@ -102,11 +106,13 @@ def _decide(name: str, asked: bool | None, blocker: str | None, log: bool) -> bo
 def resolve_features(config: FinetuneConfig, runtime: Runtime, model: Any, world: int, log: bool = True) -> Features:
     """The speed features of this run. `model=None` checks what the configuration alone decides
     (the recipe does that before loading anything; the model can still rule CUDA graphs out)."""
-    kernel = "triton" if triton_available(runtime.device) and config.parallel != "fsdp2" else "torch"
+    # te-llama's Triton AdamW where it runs; backend 'hf' stays transformers + torch's fused AdamW
+    ours = runtime.backend != "hf" and config.parallel != "fsdp2"
+    kernel = "triton" if ours and triton_available(runtime.device) else "torch"
     graphs = _graphs_blocker(config, runtime, model, world)
     return Features(cuda_graphs=_decide("cuda_graphs", config.cuda_graphs, graphs, log),
                     overlap_optimizer=_decide("overlap_optimizer", config.overlap_optimizer,
-                                              _overlap_blocker(config, world), log),
+                                              _overlap_blocker(config, runtime, world), log),
                     fused_loss=_decide("fused_loss", config.fused_loss, _fused_loss_blocker(config, runtime, world), log),
                     optimizer_kernel=kernel)
 
@@ -121,8 +127,14 @@ def make_optimizer(config: FinetuneConfig, runtime: Runtime, model: Any, feature
     if not features.overlap_optimizer and features.optimizer_kernel == "torch":
         return torch.optim.AdamW(params, **adamw)
     layers = list(decoder_layers(model)) if features.overlap_optimizer else []
-    shared = GRAD_BUFFER_SETS if features.overlap_optimizer and features.cuda_graphs and config.fuse_qkv else 0
-    return LayerwiseAdamW(model, layers, reused_grad_buffers=shared, kernel=features.optimizer_kernel, **adamw)
+    return LayerwiseAdamW(model, layers, reused_grad_buffers=shared_grad_buffers(config, features),
+                          kernel=features.optimizer_kernel, **adamw)
+
+
+def shared_grad_buffers(config: FinetuneConfig, features: Features) -> int:
+    """Gradient buffer sets graphed layers share: with the overlapped optimizer, each layer's update
+    consumes its gradients during backward, so two sets serve every layer (fused Q/K/V layout)."""
+    return GRAD_BUFFER_SETS if features.overlap_optimizer and features.cuda_graphs and config.fuse_qkv else 0
 
 
 class TrainStep:
@@ -147,15 +159,24 @@ class TrainStep:
         return self.model(**inputs).loss
 
     def capture_graphs(self) -> None:
-        """Capture the decoder layers for `graph_shape` (before the first step; after loading a resume)."""
-        shared = GRAD_BUFFER_SETS if self.features.overlap_optimizer and self.config.fuse_qkv else 0
+        """Capture the decoder layers for `graph_shape`: call once, before the first step and after a
+        resumed run loaded its weights. Unset (auto) graphs that do not fit give way to eager layers
+        (`graph_shape` becomes None: rows need no padding); asked-for ones raise."""
+        if self.graph_shape is None:
+            return
         try:
             capture_cuda_graphs(self.raw_model, self.graph_shape, self.runtime.precision,
-                                accumulate_grads=self.config.grad_accum > 1, shared_grad_buffers=shared)
+                                accumulate_grads=self.config.grad_accum > 1,
+                                shared_grad_buffers=shared_grad_buffers(self.config, self.features))
         except torch.OutOfMemoryError:
             release_cuda_graphs(self.raw_model)
-            raise out_of_memory(self.runtime.device, self.graph_shape.tokens, memory_fixes(self.config, self.runtime,
-                                graphed=True), "while capturing the CUDA graphs") from None
+            if self.config.cuda_graphs:
+                raise out_of_memory(self.runtime.device, self.graph_shape.tokens,
+                                    memory_fixes(self.config, self.runtime, graphed=True),
+                                    "while capturing the CUDA graphs") from None
+            logger.warning("CUDA graphs off: capturing them ran out of GPU memory; running eagerly")
+            self.graph_shape = None
+            return
         logits_bytes = 3 * self.graph_shape.tokens * self.raw_model.config.vocab_size * 4
         fits, detail = graphs_leave_room(self.raw_model, self.runtime.device, logits_bytes + 2 * 2**30)
         if not fits:
@@ -171,8 +192,6 @@ class TrainStep:
             installed_graphs(self.raw_model).track_weight_updates(getattr(self.optimizer, "optimizer", self.optimizer))
 
     def __call__(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, Any]:
-        if self.graph_shape is not None and installed_graphs(self.raw_model) is None:
-            self.capture_graphs()
         loss_sum = torch.zeros((), device=self.runtime.device)
         for batch in micro_batches:
             inputs = {k: v.to(self.runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
