@@ -59,8 +59,10 @@ def _finetune(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from .bench import BenchSettings, run_bench
     from .bench.report import render_table
-    from .bench.variants import VARIANTS
+    from .bench.variants import DEFAULT_VARIANTS, VARIANTS
 
+    if args.quality:
+        return _bench_quality(args)
     if args.list:
         for variant in VARIANTS.values():
             print(f"{variant.name:<16} {variant.description}" if args.verbose else variant.name)
@@ -70,11 +72,36 @@ def _bench(args: argparse.Namespace) -> int:
     settings = BenchSettings(preset=args.preset, batch=args.batch, seq=args.seq, steps=args.steps,
                              warmup=args.warmup, seed=args.seed, sync_each_step=args.sync_each_step,
                              data=args.data, lr=args.lr, options=options)
-    report = run_bench(args.variants, settings, args.out, timeout_s=args.timeout)
+    report = run_bench(args.variants or list(DEFAULT_VARIANTS), settings, args.out, timeout_s=args.timeout)
     print(render_table(report))
     if args.out:
         print(f"reports (JSON, Markdown, PNG) in {args.out}")
     return 0 if any(r["status"] == "ok" for r in report["results"]) else 1
+
+
+def _bench_quality(args: argparse.Namespace) -> int:
+    import logging
+
+    from .bench.quality import QUALITY_VARIANTS, render_quality, run_quality
+
+    if args.list:
+        for variant in QUALITY_VARIANTS.values():
+            print(f"{variant.name:<20} {variant.description}" if args.verbose else variant.name)
+        return 0
+    if not args.out:
+        raise ValueError("bench --quality needs --out DIR (data, models, runs and reports are written there)")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    options = {name: getattr(args, name) for name in BENCH_OPTION_GROUPS_FIELDS if getattr(args, name) is not None}
+    FinetuneConfig(**options)
+    report = run_quality(args.quality_size, args.variants or list(QUALITY_VARIANTS), args.seeds, args.out, options,
+                         scratch=args.scratch)
+    print(render_quality(report))
+    for row in report["summary"]:
+        verdict = f"not run ({row['reason']})" if row["qualifies"] is None else \
+            "qualifies" if row["qualifies"] else "does NOT qualify"
+        print(f"{row['variant']}: {verdict} (qualifies = mean finetune eval loss within 1% of the base row's)")
+    print(f"reports (quality.json, quality.md, quality.png) in {args.out}")
+    return 0 if report["summary"] and report["summary"][0]["mean_eval_loss"] is not None else 1
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -139,8 +166,19 @@ def build_parser() -> argparse.ArgumentParser:
                            "options to the peers too).")
     bench.add_argument("--list", action="store_true", help="print the variant names and exit (-v: with descriptions)")
     bench.add_argument("-v", "--verbose", action="store_true", help="with --list: describe each variant")
-    bench.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), metavar="NAME",
-                       help=f"rows to run (default: {' '.join(DEFAULT_VARIANTS)})")
+    bench.add_argument("--variants", nargs="+", default=None, metavar="NAME",
+                       help=f"rows to run (default: {' '.join(DEFAULT_VARIANTS)}; with --quality: every quality "
+                       "variant, --list --quality prints them)")
+    bench.add_argument("--quality", action="store_true",
+                       help="judge variants on loss instead of speed: pretrain a small Llama on one installed "
+                       "package's Python sources, finetune it per variant and seed on another's, compare held-out "
+                       "eval loss (and from scratch); a variant qualifies within 1%% of the base (bf16) row")
+    bench.add_argument("--quality-size", choices=["tiny", "small"], default="small",
+                       help="with --quality: tiny (2 layers, hidden 64, seconds on a CPU) or small (12 layers, "
+                       "hidden 1024, GPU)")
+    bench.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="with --quality: finetune seeds")
+    bench.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True,
+                       help="with --quality: also pretrain from scratch in each variant (default)")
     bench.add_argument("--preset", default="llama2-7b", help="model shape: a preset name (random weights)")
     bench.add_argument("--batch", type=int, default=8, help="rows (documents) per step")
     bench.add_argument("--seq", type=int, default=256, help="tokens per row")

@@ -1,0 +1,41 @@
+"""`te-llama bench --quality` end to end on the CPU: the tiny preset, one seed, base and hf rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from te_llama.bench.quality import BASE, HF, run_quality
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU stand-in and the no-GPU skips")
+def test_tiny_quality_bench_end_to_end(tmp_path) -> None:
+    report = run_quality("tiny", [BASE, HF, "fp8-delayed"], [0], tmp_path / "out", cache_dir=str(tmp_path / "cache"),
+                         progress=lambda _: None)
+
+    rows = [json.loads(line)["text"] for line in (tmp_path / "out/data/pretrain.jsonl").read_text().splitlines()]
+    fine = [json.loads(line)["text"] for line in (tmp_path / "out/data/finetune.jsonl").read_text().splitlines()]
+    for texts in (rows, fine):  # real installed package sources, not random tokens
+        assert sum("def " in r or "import " in r for r in texts) > len(texts) // 2
+    assert rows != fine and len(set(rows)) == len(rows)
+
+    assert report["pretrain"]["final_loss"] < report["pretrain"]["first_loss"] - 0.5
+    by_name = {r["variant"]: r for r in report["finetune"]}
+    assert set(by_name) == {BASE, HF, "fp8-delayed"}
+    for name in (BASE, HF):
+        assert by_name[name]["status"] == "ok" and math.isfinite(by_name[name]["eval_loss"])
+    assert by_name[BASE]["config"] == {"backend": "reference", "precision": "fp32"}  # the CPU stand-in
+    assert by_name[BASE]["ratio_base"] == 1.0
+    assert by_name["fp8-delayed"]["status"] == "skipped" and by_name["fp8-delayed"]["reason"] == "no CUDA GPU"
+    summary = {s["variant"]: s for s in report["summary"]}
+    assert summary[BASE]["ratio_base"] == 1.0 and summary[BASE]["qualifies"]
+    assert summary["fp8-delayed"]["qualifies"] is None
+    assert all(r["status"] == "ok" for r in report["scratch"] if r["variant"] != "fp8-delayed")
+
+    for name in ("quality.json", "quality.md", "quality.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    markdown = (tmp_path / "out/quality.md").read_text()
+    assert "fp32 reference" in markdown and "not run: no CUDA GPU" in markdown
