@@ -53,9 +53,12 @@ def plant(file: pathlib.Path, payload, raw: bool) -> None:
         torch.save(payload, file)
 
 
-def trainer(seed: int = 0):
+def trainer(seed: int = 0, shard=None):
+    """A tiny model after one AdamW step with a schedule; `shard(model)` runs before the optimizer is built."""
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
+    if shard is not None:
+        shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
     model(torch.randn(3, 4)).sum().backward()
@@ -189,14 +192,7 @@ def process_group():
 def sharded_trainer(seed: int = 0):
     from torch.distributed.fsdp import fully_shard
 
-    model, _, _ = trainer(seed)
-    fully_shard(model[0]), fully_shard(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = get_scheduler("cosine", optimizer, num_warmup_steps=1, num_training_steps=10)
-    model(torch.randn(3, 4)).sum().backward()
-    optimizer.step()
-    scheduler.step()
-    return model, optimizer, scheduler
+    return trainer(seed, shard=lambda model: (fully_shard(model[0]), fully_shard(model)))
 
 
 def test_sharded_checkpoint_round_trips(tmp_path, process_group) -> None:
