@@ -94,14 +94,15 @@ def _bench_quality(args: argparse.Namespace) -> int:
     options = {name: getattr(args, name) for name in BENCH_OPTION_GROUPS_FIELDS if getattr(args, name) is not None}
     FinetuneConfig(**options)
     report = run_quality(args.quality_size, args.variants or list(QUALITY_VARIANTS), args.seeds, args.out, options,
-                         scratch=args.scratch)
+                         cases=tuple(args.quality_cases))
     print(render_quality(report))
-    for row in report["summary"]:
+    summary = report["summary"] or report["scratch_summary"]
+    for row in summary:
         verdict = f"not run ({row['reason']})" if row["qualifies"] is None else \
             "qualifies" if row["qualifies"] else "does NOT qualify"
-        print(f"{row['variant']}: {verdict} (qualifies = mean finetune eval loss within 1% of the base row's)")
+        print(f"{row['variant']}: {verdict} (qualifies = mean eval loss within 1% of the base row's)")
     print(f"reports (quality.json, quality.md, quality.png) in {args.out}")
-    return 0 if report["summary"] and report["summary"][0]["mean_eval_loss"] is not None else 1
+    return 0 if summary and summary[0]["mean_eval_loss"] is not None else 1
 
 
 def field_docs(cls: type) -> dict[str, str]:
@@ -177,8 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="with --quality: tiny (2 layers, hidden 64, seconds on a CPU) or small (12 layers, "
                        "hidden 1024, GPU)")
     bench.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="with --quality: finetune seeds")
-    bench.add_argument("--scratch", action=argparse.BooleanOptionalAction, default=True,
-                       help="with --quality: also pretrain from scratch in each variant (default)")
+    bench.add_argument("--quality-cases", nargs="+", choices=["finetune", "scratch"], default=["finetune", "scratch"],
+                       help="with --quality: finetune a pretrained model, train from scratch, or both (default)")
     bench.add_argument("--preset", default="llama2-7b", help="model shape: a preset name (random weights)")
     bench.add_argument("--batch", type=int, default=8, help="rows (documents) per step")
     bench.add_argument("--seq", type=int, default=256, help="tokens per row")

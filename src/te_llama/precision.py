@@ -31,6 +31,9 @@ PRECISIONS = ("fp32", "bf16", "fp8", "fp8-delayed", "fp8-current", "fp8-block", 
               "fp8-delayed-fastacc", "fp8-current-fastacc")
 FP8_PRECISIONS = PRECISIONS[2:]
 DEFAULT_FP8 = "fp8-block"
+AUTO_FP8 = "fp8-delayed-fastacc"
+"""What `--precision auto` trains in on an FP8 GPU: the fastest recipe whose finetune eval loss is
+within 1% of BF16's on the quality benchmark (docs/PERFORMANCE.md, "Quality")."""
 DELAYED_SCALING = {"amax_history_len": 16, "amax_compute_algo": "max"}
 """Delayed scaling's settings (HYBRID format: E4M3 forward, E5M2 gradients; TE's default)."""
 
@@ -77,6 +80,23 @@ def keep_layers_in_bf16(model: torch.nn.Module, first: int, last: int = 0) -> li
     for index, layer in enumerate(layers):
         layer.fp8 = index not in kept
     return kept
+
+
+def auto_precision(cuda: bool, backend: str, processes: int = 1) -> tuple[str, str]:
+    """What `--precision auto` means here, and why: AUTO_FP8 with TE on one FP8-capable GPU, BF16 on
+    other GPUs, in several processes (FP8 there is not yet measured) and with backend hf, FP32 on CPU."""
+    if not cuda:
+        return "fp32", "no GPU"
+    if backend != "te":
+        return "bf16", f"backend {backend} has no FP8"
+    if processes > 1:
+        return "bf16", "several processes (FP8 is chosen with --precision)"
+    import transformer_engine.pytorch as te
+
+    available, reason = te.is_fp8_available(return_reason=True)
+    if not available:
+        return "bf16", f"{torch.cuda.get_device_name()} has no FP8 ({reason})"
+    return AUTO_FP8, "FP8 GPU; the fastest recipe within 1% of BF16's quality"
 
 
 def check_precision_available(precision: str) -> None:

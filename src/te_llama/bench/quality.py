@@ -45,28 +45,37 @@ class QualitySize:
     batch: int
     pretrain_steps: int
     finetune_steps: int
+    scratch_steps: int
     pretrain_lr: float
     finetune_lr: float
     eval_every: int
 
 
 SIZES = {
-    "tiny": QualitySize("transformers", "torch", 160, 100, 500, 512, 2, 64, 4, 2, 176, 128, 4, 30, 12, 3e-3, 1e-3, 4),
-    "small": QualitySize("transformers", "torch", 8000, 3300, 5000, 8192, 12, 1024, 16, 4, 2816, 1024, 16, 600, 180,
-                         1e-3, 1e-4, 30),
+    "tiny": QualitySize("transformers", "torch", 160, 100, 500, 512, 2, 64, 4, 2, 176, 128, 4, 30, 12, 20, 3e-3, 1e-3,
+                        4),
+    "small": QualitySize("transformers", "torch", 8000, 3300, 5000, 8192, 12, 1024, 16, 4, 2816, 1024, 16, 500, 150,
+                         300, 1e-3, 1e-4, 30),
 }
 EVAL_FRACTION = 0.1
 QUALIFY_TOLERANCE = 0.01
 BASE, HF = "bf16", "hf"
+CLIP, NO_CLIP = {"max_grad_norm": 1.0}, {"max_grad_norm": 0.0}
 CPU_BASE = {"backend": "reference", "precision": "fp32"}
 """Without a GPU the base row runs the fp32 reference backend: a stand-in for BF16, said so in the report."""
 _TE = ("cuda", "te")
 QUALITY_VARIANTS = {v.name: v for v in [
-    Variant(BASE, "te-llama's default precision (BF16); CPU: fp32 reference backend", {"precision": "bf16"}),
-    *(Variant(p, f"--backend te --precision {p}", {"backend": "te", "precision": p}, None, _TE)
+    Variant(BASE, "the reference: BF16, gradients clipped at 1.0 (the usual finetune recipe); CPU: fp32 reference "
+            "backend", {"precision": "bf16"} | CLIP),
+    Variant("bf16-noclip", "BF16 without gradient clipping (what lets AdamW overlap backward)",
+            {"precision": "bf16"} | NO_CLIP),
+    *(Variant(p, f"--backend te --precision {p} --max-grad-norm 0 (FP8 as te-llama's fast path runs it)",
+              {"backend": "te", "precision": p} | NO_CLIP, None, _TE)
       for p in ("fp8-block", "fp8-delayed", "fp8-current", "fp8-delayed-fastacc", "fp8-current-fastacc")),
-    Variant(HF, "transformers as is: --backend hf --no-packing", {"backend": "hf", "packing": False}),
+    Variant(HF, "transformers as is: --backend hf --no-packing, clipped at 1.0 (the Trainer's default)",
+            {"backend": "hf", "packing": False} | CLIP),
 ]}
+CASES = ("finetune", "scratch")
 DEFAULT_QUALITY_VARIANTS = tuple(QUALITY_VARIANTS)
 
 
@@ -132,7 +141,7 @@ def build_model(size: QualitySize, rows: list[str], folder: Path, seed: int = 0)
 def variant_options(variant: Variant, options: dict[str, Any]) -> dict[str, Any]:
     """The variant's finetune options over the passed-through ones (speed options: te-llama rows only)."""
     if variant.name == BASE and not torch.cuda.is_available():
-        return options | CPU_BASE
+        return options | variant.config | CPU_BASE
     if not variant.ours:
         options = {k: v for k, v in options.items() if k not in GROUPS["speed"]}
     return options | variant.config
@@ -184,12 +193,15 @@ def add_ratios(rows: list[dict]) -> list[dict]:
 
 
 def run_quality(size_name: str, variants: list[str], seeds: list[int], out_dir: str | Path,
-                options: dict[str, Any] | None = None, cache_dir: str | None = None, scratch: bool = True,
-                progress=print) -> dict:
-    """Pretrain, finetune per variant and seed, pretrain from scratch per variant; write the reports."""
+                options: dict[str, Any] | None = None, cache_dir: str | None = None,
+                cases: tuple[str, ...] = CASES, progress=print) -> dict:
+    """Pretrain, then per seed and variant: finetune, and pretrain from scratch. The reports are
+    rewritten after every row, so a run cut short still leaves its finished rows."""
     unknown = [n for n in variants if n not in QUALITY_VARIANTS]
     if unknown:
         raise ValueError(f"unknown quality variant(s) {unknown}; choose from {list(QUALITY_VARIANTS)}")
+    if not cases or set(cases) - set(CASES):
+        raise ValueError(f"quality cases {list(cases)}: choose one or more of {list(CASES)}")
     size, out, options = SIZES[size_name], Path(out_dir), options or {}
     chosen = [QUALITY_VARIANTS[n] for n in dict.fromkeys([BASE, *variants])]  # the base row always runs
     pre_rows = package_rows(size.pretrain_package, size.pretrain_rows, size.chunk_chars)
@@ -200,42 +212,47 @@ def run_quality(size_name: str, variants: list[str], seeds: list[int], out_dir: 
               "overwrite": True, "eval_every": size.eval_every, "cache_dir": cache_dir or str(out / "cache"),
               "warmup_ratio": 0.05}
     gpu = torch.cuda.is_available()
-    progress(f"pretraining a {size.layers}-layer, hidden-{size.hidden} Llama on {len(pre_rows)} rows of "
-             f"{size.pretrain_package}'s sources, {size.pretrain_steps} steps")
-    pretrain_config = {"precision": "bf16"} if gpu else {"precision": "fp32"}
-    pre = train_run(Variant("pretrain", "", pretrain_config), out / "pretrain",
-                    common | {"model": str(model), "data": pre_data, "max_steps": size.pretrain_steps, "seed": 0,
-                              "learning_rate": size.pretrain_lr, "eval_fraction": 0.0}, {})
-    if pre["status"] != "ok":
-        raise RuntimeError(f"pretraining failed: {pre['reason']}")
+    report = {"size": size_name, "sizes": asdict(size), "seeds": seeds, "options": options, "cases": list(cases),
+              "environment": environment(), "device": "cuda" if gpu else "cpu", "pretrain": None,
+              "notes": [] if gpu else ["no GPU: the base 'bf16' row is the fp32 reference backend (a stand-in)"],
+              "finetune": [], "scratch": [], "summary": [], "scratch_summary": []}
+    if "finetune" in cases:
+        report["pretrain"] = pretrain(size, common, model, pre_data, out, len(pre_rows), len(fine_rows), gpu, progress)
+    for seed in seeds:
+        for case in cases:
+            for variant in chosen:
+                if case == "finetune":
+                    run = {"model": str(out / "pretrain" / "final"), "data": fine_data,
+                           "max_steps": size.finetune_steps, "learning_rate": size.finetune_lr}
+                else:
+                    run = {"model": str(model), "data": pre_data, "max_steps": size.scratch_steps,
+                           "learning_rate": size.pretrain_lr}
+                row = train_run(variant, out / case / f"{variant.name}-seed{seed}",
+                                common | run | {"seed": seed, "eval_fraction": EVAL_FRACTION}, options)
+                report[case].append(row)
+                progress(f"{case} {variant.name} seed {seed}: {row['status']} "
+                         f"{row['eval_loss'] if row['eval_loss'] is not None else row['reason']}")
+                report["summary"], report["scratch_summary"] = add_ratios(report["finetune"]), add_ratios(report["scratch"])
+                write_quality_reports(report, out)
+    return report
+
+
+def pretrain(size: QualitySize, common: dict[str, Any], model: Path, data: str, out: Path, rows: int,
+             finetune_rows: int, gpu: bool, progress) -> dict[str, Any]:
+    """The finetune case's starting point: the random model pretrained in BF16 (fp32 on CPU)."""
     from ..train.metrics import read_metrics
 
+    progress(f"pretraining a {size.layers}-layer, hidden-{size.hidden} Llama on {rows} rows of "
+             f"{size.pretrain_package}'s sources, {size.pretrain_steps} steps")
+    config = ({"precision": "bf16"} if gpu else {"precision": "fp32"}) | CLIP
+    row = train_run(Variant("pretrain", "", config), out / "pretrain",
+                    common | {"model": str(model), "data": data, "max_steps": size.pretrain_steps, "seed": 0,
+                              "learning_rate": size.pretrain_lr, "eval_fraction": 0.0}, {})
+    if row["status"] != "ok":
+        raise RuntimeError(f"pretraining failed: {row['reason']}")
     losses = [r["loss"] for r in read_metrics(out / "pretrain/metrics.jsonl") if r["kind"] == "train"]
-    report = {"size": size_name, "sizes": asdict(size), "seeds": seeds, "options": options,
-              "environment": environment(), "device": "cuda" if gpu else "cpu",
-              "pretrain": {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1],
-                           "rows": len(pre_rows), "finetune_rows": len(fine_rows)},
-              "notes": [] if gpu else ["no GPU: the base 'bf16' row is the fp32 reference backend (a stand-in)"],
-              "finetune": [], "scratch": []}
-    pretrained = str(out / "pretrain" / "final")
-    for seed in seeds:
-        for variant in chosen:
-            row = train_run(variant, out / "finetune" / f"{variant.name}-seed{seed}", common | {
-                "model": pretrained, "data": fine_data, "max_steps": size.finetune_steps, "seed": seed,
-                "learning_rate": size.finetune_lr, "eval_fraction": EVAL_FRACTION}, options)
-            report["finetune"].append(row)
-            progress(f"finetune {variant.name} seed {seed}: {row['status']} "
-                     f"{row['eval_loss'] if row['eval_loss'] is not None else row['reason']}")
-    for variant in chosen if scratch else []:
-        row = train_run(variant, out / "scratch" / variant.name, common | {
-            "model": str(model), "data": pre_data, "max_steps": size.pretrain_steps, "seed": seeds[0],
-            "learning_rate": size.pretrain_lr, "eval_fraction": EVAL_FRACTION}, options)
-        report["scratch"].append(row)
-        progress(f"from scratch {variant.name}: {row['status']}")
-    report["summary"] = add_ratios(report["finetune"])
-    report["scratch_summary"] = add_ratios(report["scratch"])
-    write_quality_reports(report, out)
-    return report
+    return {"steps": len(losses), "first_loss": losses[0], "final_loss": losses[-1], "rows": rows,
+            "finetune_rows": finetune_rows}
 
 
 def _fmt(value: Any, spec: str = ".4f") -> str:
@@ -243,13 +260,17 @@ def _fmt(value: Any, spec: str = ".4f") -> str:
 
 
 def render_quality(report: dict) -> str:
-    lines = [(f"## Finetune quality ({report['size']}, device {report['device']}, pretrain loss "
-              f"{report['pretrain']['first_loss']:.3f} -> {report['pretrain']['final_loss']:.3f})"), *report["notes"],
-             "", "| variant | seed | status | eval loss | / base | / hf |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['seed']} | {r['status']} | {_fmt(r['eval_loss'])} | {_fmt(r['ratio_base'])} | "
-              f"{_fmt(r['ratio_hf'])} |" for r in report["finetune"]]
-    for title, key in (("Finetune, over seeds", "summary"), ("From scratch (pretraining held-out rows)",
-                                                              "scratch_summary")):
+    pre = report["pretrain"]
+    lines = [f"## Quality ({report['size']}, device {report['device']}"
+             + (f", pretrain loss {pre['first_loss']:.3f} -> {pre['final_loss']:.3f})" if pre else ")"),
+             *report["notes"], "", "| case | variant | seed | status | eval loss | / base | / hf |",
+             "|---|---|---|---|---|---|---|"]
+    lines += [f"| {case} | {r['variant']} | {r['seed']} | {r['status']} | {_fmt(r['eval_loss'])} | "
+              f"{_fmt(r['ratio_base'])} | {_fmt(r['ratio_hf'])} |" for case in CASES for r in report[case]]
+    for title, key in (("Finetune, over seeds", "summary"), ("From scratch, over seeds (eval on held-out "
+                                                              "pretraining rows)", "scratch_summary")):
+        if not report[key]:
+            continue
         lines += ["", f"### {title}", "", "| variant | mean eval loss | spread | / base | / hf | verdict |",
                   "|---|---|---|---|---|---|"]
         for s in report[key]:

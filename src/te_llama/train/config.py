@@ -83,7 +83,7 @@ class FinetuneConfig:
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     seed: int = 0
-    """Seeds the model init (built-in model), data order and eval split."""
+    """Seeds the model init (built-in model) and the data order (the eval split stays fixed)."""
     max_steps: int | None = None
     """Optimizer steps; None = run `epochs` epochs."""
     epochs: int = 1
@@ -94,7 +94,7 @@ class FinetuneConfig:
     precision: Precision = "auto"
     """"fp32", "bf16", "fp8" (= fp8-block), "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
     "fp8-delayed-fastacc", "fp8-current-fastacc" (fast FP8 accumulation in the backward GEMMs too);
-    auto = bf16 on GPU, fp32 on CPU."""
+    auto = fp8-delayed-fastacc with TE on one FP8 GPU (Hopper, Ada or newer), else bf16 on GPU, fp32 on CPU."""
     bf16_first_layers: int = 0
     """FP8 precisions: run this many first decoder layers in BF16."""
     bf16_last_layers: int = 0

@@ -222,7 +222,7 @@ def start_run(config: FinetuneConfig) -> Run:
         sweep_incomplete(out / "checkpoints")
         (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
     accelerator.wait_for_everyone()
-    train_set, eval_set = split_eval(examples, config.eval_fraction, config.seed)
+    train_set, eval_set = split_eval(examples, config.eval_fraction)
     ours = runtime.backend != "hf"  # te-llama layers take the packed layout from the host
     train = BatchSource(train_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours)
     evals = BatchSource(eval_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours) if eval_set is not None else None

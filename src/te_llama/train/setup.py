@@ -6,6 +6,7 @@ Every check here reads configs only, so bad settings fail before the slow loadin
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from ..model.builtin import builtin_model, builtin_tokenizer
 from ..model.convert import convert
 from ..model.hf_checkpoint import from_pretrained
 from ..model.presets import preset_config
-from ..precision import FP8_PRECISIONS, check_precision_available, keep_layers_in_bf16
+from ..precision import FP8_PRECISIONS, auto_precision, check_precision_available, keep_layers_in_bf16
 from .config import ConfigError, FinetuneConfig
 from .data import DataError
 from .step import Runtime
@@ -29,7 +30,10 @@ def resolve_runtime(config: FinetuneConfig) -> Runtime:
     """'auto' resolved for this machine; combinations that cannot run here refused with the fix."""
     cuda = torch.cuda.is_available()
     backend = config.backend if config.backend != "auto" else ("te" if cuda and te_available() else "reference")
-    precision = config.precision if config.precision != "auto" else ("bf16" if cuda else "fp32")
+    precision = config.precision
+    if precision == "auto":
+        precision, why = auto_precision(cuda, backend, int(os.environ.get("WORLD_SIZE", "1")))
+        logger.info("precision auto: %s (%s)", precision, why)
     if precision in FP8_PRECISIONS and backend != "te":
         raise ConfigError(f"--precision {precision} needs --backend te (FP8 GEMMs are Transformer Engine's)")
     check_precision_available(precision)
