@@ -1,12 +1,12 @@
 """Where a training step's milliseconds go: torch.profiler over a few steps, kernels by category.
 
-    python3 scripts/profile_step.py --variant te-default te-fp8-fast hf --preset llama2-7b --batch 8 --seq 256
+    python3 scripts/profile_step.py --variant te-default te-bf16 hf --preset llama2-7b --batch 8 --seq 256
 
 Each variant is a `te-llama bench` row: the step profiled is the finetune step the bench times.
 
 Categories come from kernel names (GEMM, attention, optimizer, norm, RoPE, FP8 cast/amax,
 loss/softmax, other elementwise). "idle" = step wall time minus GPU busy time (launch gaps,
-host syncs). With the overlapped optimizer (te-bf16-fast, te-fp8-fast), kernels of two streams
+host syncs). With the overlapped optimizer (te-default, te-bf16), kernels of two streams
 run at once: busy can exceed the step and "idle" goes negative; each category then counts its
 kernels' own durations.
 """
@@ -84,7 +84,7 @@ def profile(variant: str, preset: str, batch: int, seq: int, steps: int) -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--variant", nargs="+", default=["te-default", "te-fp8-fast"])
+    parser.add_argument("--variant", nargs="+", default=["te-default", "te-bf16"])
     parser.add_argument("--preset", default="llama2-7b")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)

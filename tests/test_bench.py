@@ -114,13 +114,13 @@ def test_rows_are_finetune_configurations_with_the_bench_options_passed_through(
     from te_llama.train.config import FinetuneConfig
 
     settings = BenchSettings(batch=4, seq=128, steps=5, warmup=2, lr=3e-4,
-                             options={"precision": "fp8", "max_grad_norm": 0.0})
+                             options={"precision": "fp8", "max_grad_norm": 1.0})
     default = row_config(VARIANTS["te-default"], BenchSettings(batch=4, seq=128, steps=5, warmup=2))
     assert default == FinetuneConfig(backend="te", batch_size=4, max_seq_len=128, max_steps=7, learning_rate=1e-5,
                                       tensorboard=False)  # finetune's defaults otherwise
     ours, peer = row_config(VARIANTS["te-default"], settings), row_config(VARIANTS["hf"], settings)
-    assert (ours.precision, ours.max_grad_norm, ours.learning_rate) == ("fp8", 0.0, 3e-4)
-    assert (peer.precision, peer.max_grad_norm, peer.backend, peer.packing) == ("auto", 0.0, "hf", False)
+    assert (ours.precision, ours.max_grad_norm, ours.learning_rate) == ("fp8", 1.0, 3e-4)
+    assert (peer.precision, peer.max_grad_norm, peer.backend, peer.packing) == ("auto", 1.0, "hf", False)
     report = {"settings": {"preset": "p", "batch": 1, "seq": 2, "steps": 3, "warmup": 1, "lr": 1e-4},
               "environment": {}, "results": []}
     assert "lr 0.0001" in render_table(report)

@@ -44,21 +44,18 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("hf-torchao-fp8", "transformers with torchao float8 training (decoder linears) + torch.compile", HF,
             "torchao-fp8", ("cuda", "torchao")),
     Variant("te-eager", "te-llama's TE layers in BF16, packed, without CUDA graphs, overlap or fused loss "
-            "(the tutorial's layer swap)", TE | {"cuda_graphs": False, "overlap_optimizer": False,
-                                                 "fused_loss": False}, None, ("cuda", "te")),
-    Variant("te-default", "exactly te-llama finetune's defaults (BF16, CUDA graphs, fused loss, Triton AdamW, "
-            "clipping at 1.0)", TE, None, ("cuda", "te")),
-    Variant("te-bf16-fast", "BF16 with every speed feature: no clipping, so AdamW overlaps backward "
-            "(--max-grad-norm 0)", TE | {"max_grad_norm": 0.0}, None, ("cuda", "te")),
-    Variant("te-fp8-fast", "the fastest configuration: FP8 delayed scaling with fast accumulation, every speed "
-            "feature (--precision fp8-delayed-fastacc --max-grad-norm 0)",
-            TE | {"precision": "fp8-delayed-fastacc", "max_grad_norm": 0.0}, None, ("cuda", "te")),
+            "(the tutorial's layer swap)", TE | {"precision": "bf16", "cuda_graphs": False,
+                                                 "overlap_optimizer": False, "fused_loss": False},
+            None, ("cuda", "te")),
+    Variant("te-bf16", "te-llama finetune's defaults in BF16 (--precision bf16): CUDA graphs, fused loss, "
+            "AdamW overlapping backward", TE | {"precision": "bf16"}, None, ("cuda", "te")),
+    Variant("te-default", "exactly te-llama finetune's defaults (on an FP8 GPU: fp8-delayed-fastacc, CUDA graphs, "
+            "fused loss, AdamW overlapping backward, no clipping)", TE, None, ("cuda", "te")),
     Variant("reference", "te-llama's pure-PyTorch reference layers (any device; harness checks)",
             {"backend": "reference"}),
 ]}
-DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-eager", "te-default", "te-bf16-fast",
-                    "te-fp8-fast")
-"""The peers, te-llama eager, te-llama's default, and the fastest te-llama configurations."""
+DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-eager", "te-bf16", "te-default")
+"""The peers, the tutorial's layer swap, te-llama in BF16, and te-llama's default."""
 
 
 def unavailable_reason(variant: Variant, options: dict[str, Any] | None = None) -> str | None:

@@ -76,8 +76,10 @@ class FinetuneConfig:
     """Share of the steps spent warming the learning rate up linearly."""
     schedule: Schedule = "cosine"
     """Learning-rate schedule after warm-up: "cosine", "linear" or "constant"."""
-    max_grad_norm: float = 1.0
-    """Gradient clipping by the global norm (0 = off)."""
+    max_grad_norm: float = 0.0
+    """Gradient clipping by the global norm (0 = off, the default: finetuning a pretrained model
+    measured the same eval loss without it, and it lets AdamW overlap backward; 1.0 for training
+    from scratch or high learning rates, where it matters)."""
     batch_size: int = 8
     """Examples per micro-batch (padding), or the token budget batch_size * max_seq_len (packing)."""
     grad_accum: int = 1
@@ -105,8 +107,8 @@ class FinetuneConfig:
     --cuda-graphs where they cannot is refused with the reason."""
     overlap_optimizer: bool | None = None
     """Update each decoder layer during backward on a second CUDA stream, overlapping AdamW with the
-    backward's GEMMs. Unset (auto): wherever that equals AdamW after backward (grad_accum 1,
-    max_grad_norm 0, one process, no activation checkpointing); explicit where it cannot is refused."""
+    backward's GEMMs. Unset (auto): wherever that equals AdamW after backward (grad_accum 1, no
+    clipping, one process, no activation checkpointing); explicit where it cannot is refused."""
     fused_loss: bool | None = None
     """lm_head + cross-entropy without FP32 logits (less memory, fewer passes over the vocabulary).
     Unset (auto): backends te/reference in one process; explicit where it cannot is refused."""
