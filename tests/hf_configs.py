@@ -154,4 +154,17 @@ GPU_ARCHITECTURES = {
                                               max_position_embeddings=128,
                                               rope_parameters={"rope_type": "dynamic", "rope_theta": 1e4,
                                                                "factor": 2.0}),
+    # Qwen3-0.6B's attention: 16 heads of 128 over 8 KV heads on hidden 1024; q/k norms; tied
+    "qwen3-gqa-head-dim": lambda: Qwen3Config(vocab_size=1024, hidden_size=1024, intermediate_size=3072,
+                                              num_hidden_layers=2, num_attention_heads=16, num_key_value_heads=8,
+                                              head_dim=128, tie_word_embeddings=True, max_position_embeddings=1024,
+                                              rope_parameters={"rope_type": "default", "rope_theta": 1e6}),
+    # Phi-3-mini's head size 96 and MHA; fused HF tensors
+    "phi3-mha": lambda: Phi3Config(vocab_size=1024, hidden_size=1152, intermediate_size=3072, num_hidden_layers=2,
+                                   num_attention_heads=12, num_key_value_heads=12, max_position_embeddings=1024,
+                                   original_max_position_embeddings=1024, sliding_window=None, **PHI3_TOKENS),
+    # Gemma-2b's MQA with heads x head_dim != hidden, at head_dim 128 (TE refuses Gemma's 256, te_decoder.py)
+    "gemma-mqa": lambda: GemmaConfig(vocab_size=1024, hidden_size=1152, intermediate_size=4096, num_hidden_layers=2,
+                                     num_attention_heads=8, num_key_value_heads=1, head_dim=128,
+                                     max_position_embeddings=1024),
 }
