@@ -42,7 +42,9 @@ def float64_oracle(model):
     """
     oracle = copy.deepcopy(model).double()
     for module in oracle.modules():
-        if type(module).__name__.endswith("RMSNorm"):
+        if type(module).__name__ == "GemmaRMSNorm":
+            module.forward = types.MethodType(_gemma_rms_norm_float64, module)
+        elif type(module).__name__.endswith("RMSNorm"):
             module.forward = types.MethodType(_rms_norm_float64, module)
     rotary = oracle.model.rotary_emb
     rotary.forward = types.MethodType(_rotary_float64(rotary.forward), rotary)
@@ -52,6 +54,11 @@ def float64_oracle(model):
 def _rms_norm_float64(self, hidden_states: torch.Tensor) -> torch.Tensor:
     variance = hidden_states.pow(2).mean(-1, keepdim=True)
     return self.weight * (hidden_states * torch.rsqrt(variance + self.variance_epsilon))
+
+
+def _gemma_rms_norm_float64(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    variance = hidden_states.pow(2).mean(-1, keepdim=True)
+    return (1.0 + self.weight) * (hidden_states * torch.rsqrt(variance + self.eps))
 
 
 def _rotary_float64(hf_forward):

@@ -73,11 +73,14 @@ def test_table_shows_speedups_over_hf_and_skips() -> None:
     assert render_table(report, markdown=True).count("\n| ") == 4  # header + 3 rows
 
 
-def test_flop_count_matches_the_model_parameters() -> None:
-    config = preset_config("tiny-llama")
+@pytest.mark.parametrize("preset", ["tiny-llama", "tiny-qwen3", "tiny-phi3", "tiny-gemma"])
+def test_flop_count_matches_the_model_parameters(preset: str) -> None:
+    config = preset_config(preset)
+    config.tie_word_embeddings = False  # the lm_head GEMM runs either way; untied, it is a parameter to count
     model = AutoModelForCausalLM.from_config(config)
     matmul = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed_tokens" not in n)
-    head_width = config.num_attention_heads * (config.hidden_size // config.num_attention_heads)
+    head_width = config.num_attention_heads * (getattr(config, "head_dim", None) or
+                                               config.hidden_size // config.num_attention_heads)
     attention = 6 * config.num_hidden_layers * 256 * head_width
     assert flops_per_token(config, 256) == 6 * matmul + attention
 
@@ -107,6 +110,17 @@ def test_fused_loss_option_trains_like_hf_loss() -> None:
     got = measure("reference", settings)  # the fused loss: finetune's default on this backend
     assert len(got.losses) == len(want.losses) == 5
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(want.losses), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-phi3", "tiny-gemma"])
+def test_family_presets_bench_like_transformers(preset: str) -> None:
+    """`te-llama bench --preset` of each new family: the reference row trains the HF row's model."""
+    from te_llama.bench.measure import measure
+
+    settings = BenchSettings(preset=preset, batch=2, seq=32, steps=2, warmup=1)
+    hf, ours = measure("hf", settings), measure("reference", settings)
+    assert hf.status == ours.status == "ok"
+    torch.testing.assert_close(torch.tensor(ours.losses), torch.tensor(hf.losses), rtol=1e-4, atol=0)
 
 
 def test_rows_are_finetune_configurations_with_the_bench_options_passed_through() -> None:

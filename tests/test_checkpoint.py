@@ -56,6 +56,23 @@ def test_from_pretrained_matches_hf(arch: str, shard_bytes, tmp_path) -> None:
         assert ours.lm_head.weight is ours.model.embed_tokens.weight
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemma_embedding_scale_is_rebuilt_on_load(dtype, tmp_path) -> None:
+    """Gemma scales its embeddings by sqrt(hidden) in a non-persistent buffer no checkpoint holds:
+    loaded models have it off the meta device, rounded to the model's dtype as in transformers."""
+    hf = random_hf_model("gemma-mha-bias")  # hidden 40: sqrt(40) is not exact in BF16
+    hf.save_pretrained(tmp_path)
+    ours = te_llama.from_pretrained(tmp_path, torch_dtype=dtype)
+    vanilla = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=dtype)
+    scale = te_llama.ArchitectureSpec.from_hf_config(hf.config).embedding_scale
+    assert torch.equal(ours.model.embed_tokens.embed_scale, vanilla.model.embed_tokens.embed_scale)
+    assert float(ours.model.embed_tokens.embed_scale) == float(torch.tensor(scale, dtype=dtype))
+    ids = torch.tensor([[3, 1, 4, 1, 5]])
+    with torch.no_grad():
+        assert torch.equal(ours.model.embed_tokens(ids), vanilla.model.embed_tokens(ids))
+        assert torch.equal(ours(ids).logits, te_llama.convert(vanilla, backend="reference")(ids).logits)
+
+
 def test_from_pretrained_honours_dtype(tmp_path) -> None:
     random_hf_model("llama2-mha").save_pretrained(tmp_path)
     model = te_llama.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)

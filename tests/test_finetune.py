@@ -58,6 +58,35 @@ def test_default_job_learns_and_exports_a_vanilla_hf_model(tmp_path) -> None:
     assert (result.exported / "tokenizer.json").is_file()
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-phi3", "tiny-gemma"])
+def test_family_checkpoint_finetunes_and_exports_for_vanilla_transformers(preset: str, tmp_path) -> None:
+    """A tiny random checkpoint of each new family through `te-llama finetune` (reference backend)."""
+    from te_llama.model.presets import preset_config
+
+    tokenizer, folder = builtin_tokenizer(), tmp_path / "checkpoint"
+    config = preset_config(preset)
+    config.vocab_size = len(tokenizer)
+    config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    result = run(tmp_path, model=str(folder), max_steps=6, eval_fraction=0.0, save_every=0, learning_rate=1e-3)
+    losses = train_losses(result.output_dir)
+    assert losses[6] < losses[1]
+
+    vanilla = AutoModelForCausalLM.from_pretrained(result.exported)
+    assert vanilla.config.model_type == config.model_type
+    trained = te_llama.from_pretrained(result.exported, backend="reference")
+    ids = torch.randint(0, len(tokenizer), (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want, got = vanilla(ids).logits, trained(ids).logits
+    assert float((got - want).abs().max() / want.abs().max()) <= EXPORT_LOGITS_REL
+    original = AutoModelForCausalLM.from_pretrained(folder).state_dict()
+    assert vanilla.state_dict().keys() == original.keys()  # Phi-3's fused qkv_proj / gate_up_proj included
+    assert not all(torch.equal(vanilla.state_dict()[k], v) for k, v in original.items())  # it trained
+
+
 def _examples(tokenizer, texts):
     return [{"input_ids": ids, "labels": list(ids)} for ids in (tokenizer(t)["input_ids"] for t in texts)]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -62,9 +63,56 @@ def test_gate_and_up_stack_into_fc1() -> None:
                                        state["model.layers.1.mlp.up_proj.weight"]]))
 
 
+def layer_of(state: dict[str, torch.Tensor], index: int = 0) -> dict[str, torch.Tensor]:
+    prefix = f"model.layers.{index}."
+    return {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}
+
+
 @pytest.mark.parametrize("fuse_qkv", [False, True])
-def test_streaming_in_any_order_equals_whole_dict(fuse_qkv: bool) -> None:
-    state, spec = hf_state("qwen2-qkv-bias-tied")
+def test_phi3_fused_projections_split_into_te_tensors(fuse_qkv: bool) -> None:
+    """HF's qkv_proj is [q; k; v] rows and gate_up_proj [gate; up]; TE gets them as Llama's would be."""
+    state, spec = hf_state("phi3-odd-gqa-tied")  # 6 query heads, 2 KV groups, head_dim 12
+    layer0 = layer_of(state)
+    q, k, v = layer0["self_attn.qkv_proj.weight"].split([spec.q_size, spec.kv_size, spec.kv_size])
+    te = hf_layer_to_te(layer0, spec, fuse_qkv)
+    llama_like = {"input_layernorm.weight": layer0["input_layernorm.weight"], "self_attn.q_proj.weight": q,
+                  "self_attn.k_proj.weight": k, "self_attn.v_proj.weight": v,
+                  "self_attn.o_proj.weight": layer0["self_attn.o_proj.weight"],
+                  "post_attention_layernorm.weight": layer0["post_attention_layernorm.weight"],
+                  "mlp.down_proj.weight": layer0["mlp.down_proj.weight"]}
+    gate, up = layer0["mlp.gate_up_proj.weight"].chunk(2)
+    llama_spec = dataclasses.replace(spec, hf_fused_projections=False)
+    want = hf_layer_to_te(llama_like | {"mlp.gate_proj.weight": gate, "mlp.up_proj.weight": up}, llama_spec, fuse_qkv)
+    assert te.keys() == want.keys()
+    assert all(torch.equal(te[name], want[name]) for name in want)
+    assert torch.equal(te["layernorm_mlp.fc1_weight"], layer0["mlp.gate_up_proj.weight"])
+    back = te_layer_to_hf(te, spec, fuse_qkv)
+    assert back.keys() == layer0.keys() and all(torch.equal(back[n], layer0[n]) for n in layer0)
+
+
+def test_qwen3_qk_norms_map_to_te_q_norm_and_k_norm() -> None:
+    state, spec = hf_state("qwen3-gqa-head-dim")
+    layer1 = layer_of(state, 1)
+    te = hf_layer_to_te(layer1, spec, fuse_qkv=True)
+    for p in "qk":
+        assert torch.equal(te[f"self_attention.{p}_norm.weight"], layer1[f"self_attn.{p}_norm.weight"])
+        assert te[f"self_attention.{p}_norm.weight"].shape == (spec.head_dim,)
+
+
+def test_gemma_norm_weights_move_unchanged() -> None:
+    """HF's GemmaRMSNorm and TE's zero_centered_gamma both store w and scale by (1 + w)."""
+    state, spec = hf_state("gemma-mqa")
+    te = hf_to_te(state, spec)
+    assert torch.equal(te["model.layers.0.self_attention.layernorm_qkv.layer_norm_weight"],
+                       state["model.layers.0.input_layernorm.weight"])
+    assert torch.equal(te["model.layers.0.layernorm_mlp.layer_norm_weight"],
+                       state["model.layers.0.post_attention_layernorm.weight"])
+
+
+@pytest.mark.parametrize("fuse_qkv", [False, True])
+@pytest.mark.parametrize("arch", ["qwen2-qkv-bias-tied", "qwen3-mha-bias-tied", "phi3-odd-gqa-tied"])
+def test_streaming_in_any_order_equals_whole_dict(arch: str, fuse_qkv: bool) -> None:
+    state, spec = hf_state(arch)
     items = list(state.items())
     random.Random(0).shuffle(items)  # tensors of one layer spread over "shards"
     streamed: dict[str, torch.Tensor] = {}
@@ -95,6 +143,15 @@ def test_extra_layer_is_refused() -> None:
     state["model.layers.7.input_layernorm.weight"] = torch.ones(spec.hidden_size)
     with pytest.raises(WeightMappingError, match=r"model\.layers\.7.*num_hidden_layers=2"):
         hf_to_te(state, spec)
+
+
+def test_missing_fused_phi3_tensor_is_named() -> None:
+    state, spec = hf_state("phi3-mha")
+    del state["model.layers.1.self_attn.qkv_proj.weight"]
+    with pytest.raises(WeightMappingError, match=r"model\.layers\.1\..*self_attn\.qkv_proj\.weight"):
+        hf_to_te(state, spec)
+    with pytest.raises(WeightMappingError, match=r"model\.layers\.1\..*self_attn\.qkv_proj\.weight"):
+        list(stream_hf_to_te(state.items(), spec))
 
 
 def test_misshaped_tensor_names_both_shapes() -> None:

@@ -2,6 +2,7 @@
 
 The quickest way for a user (or CI) to see that conversion is exact on this machine:
 logits and gradients against HF, and save_pretrained -> vanilla HF load bit-identical.
+By default one tiny preset per supported family (DEFAULT_PRESETS).
 """
 
 from __future__ import annotations
@@ -20,10 +21,15 @@ from .model.mapping import te_to_hf
 from .model.presets import preset_config
 from .model.spec import ArchitectureSpec
 
+DEFAULT_PRESETS = ("tiny-llama", "tiny-qwen2", "tiny-qwen3", "tiny-phi3", "tiny-gemma")
+"""Llama stands for Mistral too (the same layer); Phi-3's fused HF tensors and Gemma's scaled
+embeddings and (1 + w) norms are exercised through save_pretrained and the logits."""
+
 
 @dataclass
 class CheckResult:
     preset: str
+    model_type: str
     backend: str
     fuse_qkv: bool
     logits_max_rel_error: float
@@ -57,4 +63,5 @@ def check_preset(preset: str, backend: str = "reference", fuse_qkv: bool = False
         reloaded = AutoModelForCausalLM.from_pretrained(Path(tmp) / "export", dtype=dtype).state_dict()
     identical = set(reloaded) == set(original) and all(
         torch.equal(reloaded[k].cpu(), v.cpu()) for k, v in original.items())
-    return CheckResult(preset, backend, fuse_qkv, _max_rel(out.logits, ref.logits), grad_error, identical)
+    return CheckResult(preset, spec.model_type, backend, fuse_qkv, _max_rel(out.logits, ref.logits), grad_error,
+                       identical)

@@ -20,18 +20,18 @@ from .train.faults import TrainingInterrupted
 
 
 def _check(args: argparse.Namespace) -> int:
-    from .check import check_preset
+    from .check import DEFAULT_PRESETS, check_preset
 
     device = args.device or ("cuda" if args.backend == "te" else "cpu")
     dtype = getattr(torch, args.dtype)
-    print(f"{'preset':<12} {'backend':<9} {'qkv':<8} {'logits err':>11} {'grads err':>10}  export")
+    print(f"{'preset':<12} {'family':<8} {'backend':<9} {'qkv':<8} {'logits err':>11} {'grads err':>10}  export")
     ok = True
-    for preset in args.preset:
+    for preset in args.preset or DEFAULT_PRESETS:
         for fuse in (False, True):
             r = check_preset(preset, args.backend, fuse, device, dtype)
             passed = r.export_bit_identical and r.logits_max_rel_error <= args.tolerance
             ok &= passed
-            print(f"{r.preset:<12} {r.backend:<9} {'fused' if fuse else 'separate':<8} "
+            print(f"{r.preset:<12} {r.model_type:<8} {r.backend:<9} {'fused' if fuse else 'separate':<8} "
                   f"{r.logits_max_rel_error:>11.2e} {r.grads_max_rel_error:>10.2e}  "
                   f"{'bit-identical' if r.export_bit_identical else 'DIFFERS'}")
     print("check passed" if ok else "check FAILED")
@@ -147,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="te-llama", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     check = sub.add_parser("check", help="convert built-in tiny models and compare with HF")
-    check.add_argument("--preset", nargs="+", default=["tiny-llama", "tiny-qwen2"])
+    check.add_argument("--preset", nargs="+", default=None,
+                       help="presets to check (default: one tiny model per supported family)")
     check.add_argument("--backend", choices=["reference", "te"], default="reference")
     check.add_argument("--device", default=None)
     check.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])

@@ -285,8 +285,9 @@ def test_delayed_fast_accumulation_recipe_is_delayed_scaling_and_checkpoints(tmp
     assert (tmp_path / "state.pt").stat().st_size > 0
 
 
-def test_save_pretrained_of_te_model_reloads_in_vanilla_hf(tmp_path, record_metric) -> None:
-    _, hf16, te16, _ = models("qwen2-qkv-bias-tied", fuse_qkv=True)
+@pytest.mark.parametrize("arch", ["qwen2-qkv-bias-tied", "qwen3-gqa-head-dim", "phi3-mha", "gemma-mqa"])
+def test_save_pretrained_of_te_model_reloads_in_vanilla_hf(arch: str, tmp_path, record_metric) -> None:
+    _, hf16, te16, _ = models(arch, fuse_qkv=True)
     te_llama.save_pretrained(te16, tmp_path / "export")
     vanilla = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype=torch.bfloat16).to(DEVICE)
     ids = token_batch(hf16.config.vocab_size)
@@ -295,7 +296,7 @@ def test_save_pretrained_of_te_model_reloads_in_vanilla_hf(tmp_path, record_metr
         oracle = vanilla.float()(ids).logits
     original = hf16.state_dict()
     identical = all(torch.equal(v, original[k]) for k, v in vanilla.float().to(torch.bfloat16).state_dict().items())
-    record_metric(rel_l2=rel_l2(got, want), weights_bit_identical=identical,
+    record_metric(arch=arch, rel_l2=rel_l2(got, want), weights_bit_identical=identical,
                   te16_vs_fp32=rel_l2(want, oracle), vanilla16_vs_fp32=rel_l2(got, oracle))
     assert identical
     # two BF16 implementations on identical weights: each within 1e-2 of the float32 oracle

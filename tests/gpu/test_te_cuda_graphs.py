@@ -88,6 +88,12 @@ CASES = [  # (arch, precision, fuse_qkv, grad_accum)
     ("mistral-gqa", "bf16", False, 1),  # split Q/K/V: weight gradients through the graph's buffers
     ("llama3.1-gqa-llama3-rope", "fp8-delayed", True, 1),  # amax history updated around the graphs
     ("llama3.1-gqa-llama3-rope", "fp8-current", True, 2),
+    ("qwen3-gqa-head-dim", "bf16", True, 1),  # q/k norms inside the graph
+    ("qwen3-gqa-head-dim", "fp8", True, 1),
+    ("phi3-mha", "bf16", True, 2),
+    ("phi3-mha", "fp8", False, 1),
+    ("gemma-mqa", "bf16", True, 1),  # tanh-GeGLU, zero-centered norms
+    ("gemma-mqa", "fp8", True, 1),
 ]
 
 

@@ -138,19 +138,25 @@ def from_pretrained(path: str | os.PathLike, backend: str = "reference", torch_d
         raise WeightMappingError(f"{path}: no weights for decoder layers {missing_layers}")
     if spec.tie_word_embeddings:
         model.tie_weights()
-    _rebuild_rotary(model, config, device)
+    _rebuild_buffers(model, config, device)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.device.type == "meta"]
     if still_meta:
         raise WeightMappingError(f"{path}: the checkpoint has no values for {still_meta}")
     return model.eval()
 
 
-def _rebuild_rotary(model: nn.Module, config: Any, device: torch.device) -> None:
-    """HF's rotary module holds a non-persistent buffer made at init: recreate it off the meta device."""
+def _rebuild_buffers(model: nn.Module, config: Any, device: torch.device) -> None:
+    """HF modules hold non-persistent buffers made at init, which no checkpoint has: recreate them off
+    the meta device. The rotary module's inverse frequencies; Gemma's embedding scale (sqrt(hidden_size),
+    `scalar_embed_scale` on its embedding module), in the buffer's own dtype as HF's init makes it."""
     base = getattr(model, "model", model)
     rotary = getattr(base, "rotary_emb", None)
     if rotary is not None:
         base.rotary_emb = type(rotary)(config=config).to(device)
+    embedding = model.get_input_embeddings()
+    scale = getattr(embedding, "scalar_embed_scale", None)
+    if scale is not None and embedding.embed_scale.device.type == "meta":
+        embedding.embed_scale = torch.tensor(scale, dtype=embedding.embed_scale.dtype, device=device)
 
 
 def hf_state_dict_by_layer(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None

@@ -1,8 +1,10 @@
 """HF <-> TE `TransformerLayer` weight mapping, as pure functions over state dicts.
 
-The map is data: `_direct_map` renames one tensor to one tensor, `STACKED` concatenates
+The map is data: `_direct_map` renames one tensor to one tensor, `_stacked_map` concatenates
 several HF tensors into one TE tensor along dim 0 (gate/up into fc1; q/k/v into TE's fused
-QKV in its per-group interleaving). The reverse direction is derived from the same tables.
+QKV in its per-group interleaving). Both speak Llama's HF names; a family that stores some of
+them fused (Phi-3's `qkv_proj`, `gate_up_proj`) is split into those names first by `HF_FUSED`,
+and joined again on the way back. The reverse direction is derived from the same tables.
 Everything works per decoder layer, so a checkpoint can be converted shard by shard
 (`stream_hf_to_te`) without two full copies of the model in memory.
 """
@@ -23,6 +25,11 @@ TE_EXTRA_STATE_SUFFIX = "_extra_state"
 
 QKV = "self_attention.layernorm_qkv."
 MLP = "layernorm_mlp."
+# HF tensors that hold several of Llama's, stacked along dim 0 in this order (Phi-3).
+HF_FUSED = {
+    "self_attn.qkv_proj.weight": ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"),
+    "mlp.gate_up_proj.weight": ("mlp.gate_proj.weight", "mlp.up_proj.weight"),
+}
 
 
 def _direct_map(spec: ArchitectureSpec, fuse_qkv: bool) -> dict[str, str]:
@@ -33,6 +40,8 @@ def _direct_map(spec: ArchitectureSpec, fuse_qkv: bool) -> dict[str, str]:
         "post_attention_layernorm.weight": MLP + "layer_norm_weight",
         "mlp.down_proj.weight": MLP + "fc2_weight",
     }
+    if spec.qk_norm:
+        table |= {f"self_attn.{p}_norm.weight": f"self_attention.{p}_norm.weight" for p in "qk"}
     if not fuse_qkv:
         table |= {f"self_attn.{p}_proj.weight": QKV + f"{n}_weight" for p, n in _QKV_PARTS}
         if spec.qkv_bias:
@@ -81,8 +90,8 @@ def te_zero_biases(spec: ArchitectureSpec, fuse_qkv: bool) -> dict[str, int]:
     return extra
 
 
-def hf_layer_shapes(spec: ArchitectureSpec) -> dict[str, tuple[int, ...]]:
-    """Every tensor an HF decoder layer of this spec has, with its shape."""
+def _llama_layer_shapes(spec: ArchitectureSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor of an HF decoder layer of this spec, in Llama's names (nothing fused), with its shape."""
     h, q, kv, ffn = spec.hidden_size, spec.q_size, spec.kv_size, spec.intermediate_size
     shapes: dict[str, tuple[int, ...]] = {
         "input_layernorm.weight": (h,),
@@ -101,7 +110,39 @@ def hf_layer_shapes(spec: ArchitectureSpec) -> dict[str, tuple[int, ...]]:
         shapes["self_attn.o_proj.bias"] = (h,)
     if spec.mlp_bias:
         shapes |= {"mlp.gate_proj.bias": (ffn,), "mlp.up_proj.bias": (ffn,), "mlp.down_proj.bias": (h,)}
+    if spec.qk_norm:
+        shapes |= {"self_attn.q_norm.weight": (spec.head_dim,), "self_attn.k_norm.weight": (spec.head_dim,)}
     return shapes
+
+
+def _hf_fused(spec: ArchitectureSpec) -> dict[str, tuple[str, ...]]:
+    """HF's fused tensor -> the Llama names stacked in it, for this spec's family."""
+    return HF_FUSED if spec.hf_fused_projections else {}
+
+
+def hf_layer_shapes(spec: ArchitectureSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor an HF decoder layer of this spec has, in the family's own names, with its shape."""
+    shapes = _llama_layer_shapes(spec)
+    for fused, parts in _hf_fused(spec).items():
+        pieces = [shapes.pop(p) for p in parts]
+        shapes[fused] = (sum(piece[0] for piece in pieces), *pieces[0][1:])
+    return shapes
+
+
+def _split_hf_fused(tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec) -> dict[str, torch.Tensor]:
+    """The family's names -> Llama's: each fused tensor split (dim 0) into the tensors stacked in it."""
+    out = dict(tensors)
+    llama = _llama_layer_shapes(spec)
+    for fused, parts in _hf_fused(spec).items():
+        out |= dict(zip(parts, out.pop(fused).split([llama[p][0] for p in parts], dim=0)))
+    return out
+
+
+def _join_hf_fused(tensors: dict[str, torch.Tensor], spec: ArchitectureSpec) -> dict[str, torch.Tensor]:
+    """Llama's names -> the family's: the inverse of `_split_hf_fused`, bit-exact."""
+    for fused, parts in _hf_fused(spec).items():
+        tensors[fused] = torch.cat([tensors.pop(p) for p in parts], dim=0)
+    return tensors
 
 
 def _interleave_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: ArchitectureSpec) -> torch.Tensor:
@@ -142,6 +183,7 @@ def hf_layer_to_te(tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec, 
                    where: str = "") -> dict[str, torch.Tensor]:
     """One decoder layer, HF names -> TE TransformerLayer names (names local to the layer)."""
     _check_shapes(tensors, hf_layer_shapes(spec), where)
+    tensors = _split_hf_fused(tensors, spec)
     out = {te: tensors[hf] for hf, te in _direct_map(spec, fuse_qkv).items()}
     for te_name, parts in _stacked_map(spec, fuse_qkv).items():
         if te_name.startswith(QKV):
@@ -156,7 +198,7 @@ def hf_layer_to_te(tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec, 
 
 def te_layer_shapes(spec: ArchitectureSpec, fuse_qkv: bool) -> dict[str, tuple[int, ...]]:
     """Every parameter a TE TransformerLayer built from this spec has, with its shape."""
-    hf = hf_layer_shapes(spec)
+    hf = _llama_layer_shapes(spec)
     shapes = {te: hf[h] for h, te in _direct_map(spec, fuse_qkv).items()}
     for te_name, parts in _stacked_map(spec, fuse_qkv).items():
         shapes[te_name] = (sum(hf[p][0] for p in parts), *hf[parts[0]][1:])
@@ -189,7 +231,7 @@ def te_layer_to_hf(tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec, 
         else:
             pieces = tensors[te_name].chunk(len(parts), dim=0)
         out |= dict(zip(parts, pieces))
-    return out
+    return _join_hf_fused(out, spec)
 
 
 def split_layer_key(name: str) -> tuple[int, str] | None:

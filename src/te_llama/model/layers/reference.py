@@ -1,9 +1,11 @@
 """A pure-PyTorch twin of TE's `TransformerLayer` for Llama-family settings.
 
 Same parameter names and shapes as TE (`self_attention.layernorm_qkv.*`,
-`self_attention.proj.*`, `layernorm_mlp.*`) and the same math in TE's packed THD format:
-RMSNorm, fused or separate QKV (TE's per-group interleaving), rotary embedding restarting
-at each document, causal GQA attention within documents, SwiGLU, residuals. It runs the
+`self_attention.q_norm.*`, `self_attention.proj.*`, `layernorm_mlp.*`) and the same math in
+TE's packed THD format: RMSNorm (TE's `zero_centered_gamma` for Gemma), fused or separate QKV
+(TE's per-group interleaving), per-head q/k RMSNorm before RoPE (TE's `qk_norm_type="RMSNorm"`,
+`qk_norm_before_rope=True`), rotary embedding restarting at each document, causal GQA attention
+within documents, SwiGLU or tanh-GeGLU (TE's "swiglu" / "geglu"), residuals. It runs the
 converted model on CPU, and it is the oracle the TE layer is checked against on the GPU.
 """
 
@@ -17,11 +19,23 @@ from ..mapping import te_layer_shapes
 from ..spec import ArchitectureSpec
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm as TE computes it: statistics and scaling in float32, output in the input dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, zero_centered: bool = False) -> torch.Tensor:
+    """RMSNorm as TE computes it: statistics and scaling in float32, output in the input dtype.
+    zero_centered: scale by (1 + weight), the 1 added in float32 (TE's `zero_centered_gamma`)."""
     x32 = x.float()
     normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-    return (normed * weight.float()).to(x.dtype)
+    gamma = weight.float() + 1.0 if zero_centered else weight.float()
+    return (normed * gamma).to(x.dtype)
+
+
+def gated_activation(fc1_out: torch.Tensor, kind: str) -> torch.Tensor:
+    """TE's gated units: the activation on the first half (gate), times the second (up)."""
+    gate, up = fc1_out.chunk(2, dim=-1)
+    if kind == "swiglu":
+        return F.silu(gate) * up
+    if kind == "geglu_tanh":
+        return F.gelu(gate, approximate="tanh") * up
+    raise ValueError(f"activation={kind!r} is unknown")
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -42,13 +56,16 @@ def positions_in_documents(cu_seqlens: torch.Tensor, total: int) -> torch.Tensor
     return torch.arange(total, device=cu_seqlens.device) - starts
 
 
-class _ParameterHolder(nn.Module):
-    """A bag of named parameters, so reference names nest exactly as TE's modules do."""
-
-    def __init__(self, shapes: dict[str, tuple[int, ...]], device, dtype) -> None:
-        super().__init__()
-        for name, shape in shapes.items():
-            self.register_parameter(name, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
+def _add_parameters(root: nn.Module, shapes: dict[str, tuple[int, ...]], device, dtype) -> None:
+    """Empty parameters at dotted names, in plain submodules, so names nest exactly as TE's modules do."""
+    for name, shape in shapes.items():
+        *path, param = name.split(".")
+        module = root
+        for part in path:
+            if not hasattr(module, part):
+                module.add_module(part, nn.Module())
+            module = getattr(module, part)
+        module.register_parameter(param, nn.Parameter(torch.empty(shape, device=device, dtype=dtype)))
 
 
 class ReferenceTransformerLayer(nn.Module):
@@ -58,18 +75,11 @@ class ReferenceTransformerLayer(nn.Module):
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.spec, self.fuse_qkv = spec, fuse_qkv
-        groups: dict[str, dict[str, tuple[int, ...]]] = {}
-        for name, shape in te_layer_shapes(spec, fuse_qkv).items():
-            module_path, param = name.rsplit(".", 1)
-            groups.setdefault(module_path, {})[param] = shape
-        self.self_attention = nn.Module()
-        self.self_attention.layernorm_qkv = _ParameterHolder(groups["self_attention.layernorm_qkv"], device, dtype)
-        self.self_attention.proj = _ParameterHolder(groups["self_attention.proj"], device, dtype)
-        self.layernorm_mlp = _ParameterHolder(groups["layernorm_mlp"], device, dtype)
+        _add_parameters(self, te_layer_shapes(spec, fuse_qkv), device, dtype)
 
     def _qkv_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         spec, p = self.spec, self.self_attention.layernorm_qkv
-        normed = rms_norm(x, p.layer_norm_weight, spec.rms_norm_eps)  # (t, h)
+        normed = rms_norm(x, p.layer_norm_weight, spec.rms_norm_eps, spec.norm_zero_centered)  # (t, h)
         if self.fuse_qkv:
             mixed = F.linear(normed, p.weight, getattr(p, "bias", None))  # (t, g * (r + 2) * d)
             mixed = mixed.view(-1, spec.num_kv_heads, spec.heads_per_group + 2, spec.head_dim)
@@ -100,6 +110,10 @@ class ReferenceTransformerLayer(nn.Module):
         """hidden_states (t, h) packed tokens; rotary_pos_emb (s_max, 1, 1, d) angles."""
         spec = self.spec
         q, k, v = self._qkv_projection(hidden_states)
+        if spec.qk_norm:  # per head, over head_dim; TE's q/k norms are never zero-centered
+            attention = self.self_attention
+            q = rms_norm(q, attention.q_norm.weight, spec.rms_norm_eps)
+            k = rms_norm(k, attention.k_norm.weight, spec.rms_norm_eps)
         angles = rotary_pos_emb[positions_in_documents(cu_seqlens_q, hidden_states.shape[0]), 0, 0]  # (t, d)
         q, k = apply_rotary(q, angles), apply_rotary(k, angles)
         attn = self._attention(q, k, v, cu_seqlens_q)
@@ -107,6 +121,7 @@ class ReferenceTransformerLayer(nn.Module):
         hidden = hidden_states + F.linear(attn, proj.weight, getattr(proj, "bias", None))
 
         mlp = self.layernorm_mlp
-        normed = rms_norm(hidden, mlp.layer_norm_weight, spec.rms_norm_eps)
-        gate, up = F.linear(normed, mlp.fc1_weight, getattr(mlp, "fc1_bias", None)).chunk(2, dim=-1)
-        return hidden + F.linear(F.silu(gate) * up, mlp.fc2_weight, getattr(mlp, "fc2_bias", None))
+        normed = rms_norm(hidden, mlp.layer_norm_weight, spec.rms_norm_eps, spec.norm_zero_centered)
+        fc1_out = F.linear(normed, mlp.fc1_weight, getattr(mlp, "fc1_bias", None))  # (t, 2 * ffn)
+        return hidden + F.linear(gated_activation(fc1_out, spec.activation), mlp.fc2_weight,
+                                 getattr(mlp, "fc2_bias", None))

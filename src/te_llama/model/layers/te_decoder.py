@@ -12,6 +12,10 @@ from .hf_adapter import HFDecoderAdapter
 # cuDNN fused attention in TE 2.20 gives wrong THD (packed) gradients above this head size on
 # Hopper (measured: docs/DESIGN.md); forward is fine.
 MAX_TE_HEAD_DIM = 128
+# The spec's gated unit -> TE's `activation`. TE's "geglu" is GELU with the tanh approximation
+# (common/util/math.h: gelu = x * (0.5 + 0.5 * tanh(x * (0.79788456 + 0.03567741 * x^2)))) on the
+# first half, times the second: HF's gelu_pytorch_tanh(gate) * up. "qgeglu" is x * sigmoid(1.702 x).
+TE_ACTIVATIONS = {"swiglu": "swiglu", "geglu_tanh": "geglu"}
 
 
 class TEDecoderLayer(HFDecoderAdapter, te.TransformerLayer):
@@ -50,8 +54,12 @@ def build_te_decoder_layer(spec: ArchitectureSpec, layer_index: int, fuse_qkv: b
         fuse_qkv_params=fuse_qkv,
         qkv_weight_interleaved=True,
         bias=spec.layer_bias,
-        activation="swiglu",
+        activation=TE_ACTIVATIONS[spec.activation],
         normalization="RMSNorm",
+        zero_centered_gamma=spec.norm_zero_centered,  # Gemma: x * (1 + w), the 1 added in float32
+        qk_norm_type="RMSNorm" if spec.qk_norm else None,  # Qwen3: per head, weight of size kv_channels
+        qk_norm_eps=spec.rms_norm_eps,
+        qk_norm_before_rope=True,
         attn_input_format="thd",
         params_dtype=dtype,
         device=device,
