@@ -18,7 +18,8 @@ import te_llama
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(te_unavailable_reason() is not None,
                                                   reason=te_unavailable_reason() or "")]
 
-BF16_REL_L2 = 1e-2          # logits, BF16 vs the float32 oracle on the same weights
+BF16_REL_L2 = 2e-2          # logits, BF16 vs the float32 oracle: a sanity bound (HF's own BF16 is at
+                            # 0.96-1.2e-2 on these configs, Qwen3's q/k norms the most); the criterion is HF_BF16_SLACK
 ARGMAX_AGREEMENT = 0.99     # on positions whose top-2 logit margin is decided (see decided_argmax)
 DECIDED_MARGIN = 0.05       # top-1 minus top-2 oracle logit, as a fraction of the logits' RMS
 HF_BF16_SLACK = 1.15        # TE BF16 may be at most this much less accurate than HF's own BF16

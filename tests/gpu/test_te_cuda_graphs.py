@@ -121,7 +121,8 @@ def test_graphed_training_matches_eager(arch: str, precision: str, fuse_qkv: boo
                   eager_batches=graphs.eager_batches)
     assert graphs.eager_batches == 0, "a training batch missed the graphs"
     assert bool(graphs.grad_buffers) == fuse_qkv
-    assert want[-1] < want[0] and got[-1] < got[0]
+    moved = [bool((pe != p0).any()) for pe, p0 in zip(eager.parameters(), initial) if pe.dim() == 2]
+    assert all(moved), "a weight matrix did not train"  # random tokens: the loss need not fall in 4 steps
     assert loss_gap <= GRAPH_LOSS_REL[family(precision)]
     assert param_gap <= GRAPH_PARAM_REL_L2[family(precision)]
 

@@ -25,7 +25,7 @@ FAMILIES = ["qwen3-gqa-head-dim", "phi3-mha", "gemma-mqa"]
 # FP8 logits vs BF16 logits at random init: as FP8_FORWARD_REL_L2 in test_te_backend.py (E4M3's 3 mantissa
 # bits, ~5% per GEMM on random-like sums, 8 GEMMs in these 2-layer models).
 FP8_FORWARD_REL_L2 = 0.2
-FP8_FINAL_LOSS_REL = 0.05   # FP8's loss after TRAIN_STEPS within 5% of BF16's, as in test_te_backend.py
+FP8_FIRST_LOSS_REL = 0.01   # FP8's first loss (same weights, FP8 GEMMs) within 1% of BF16's
 TRAIN_STEPS = 20
 
 
@@ -110,18 +110,20 @@ def _train(model, precision: str, ids: torch.Tensor) -> tuple[list[float], dict[
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_fp8_training_steps_track_bf16(arch: str, record_metric) -> None:
     """FP32 master weights, FP8 GEMMs: every trainable parameter (q/k norms included) gets a finite,
-    nonzero gradient, the loss falls, and ends within FP8_FINAL_LOSS_REL of BF16's."""
+    nonzero gradient, the first loss is BF16's within FP8_FIRST_LOSS_REL, and both memorize the batch.
+    (Random tokens check that training works, not its quality: the final losses near zero are not compared.)"""
     fp8_model = te_model(arch, dtype=torch.float32).train()
     bf16_model = copy.deepcopy(fp8_model)
     ids = token_batch(fp8_model.config.vocab_size, seed=5)
     losses, grads = _train(fp8_model, "fp8", ids)
     bf16_losses, _ = _train(bf16_model, "bf16", ids)
-    gap = abs(losses[-1] - bf16_losses[-1]) / bf16_losses[-1]
+    gap = abs(losses[0] - bf16_losses[0]) / bf16_losses[0]
     record_metric(arch=arch, fp8_losses=losses, bf16_losses=bf16_losses, relative_gap=gap)
     trainable = {n for n, p in fp8_model.named_parameters() if p.requires_grad}
     assert set(grads) == trainable
     assert all(torch.isfinite(g).all() and bool(g.abs().max() > 0) for g in grads.values())
-    assert losses[-1] < losses[0] and gap <= FP8_FINAL_LOSS_REL
+    assert gap <= FP8_FIRST_LOSS_REL
+    assert losses[-1] < 0.5 * losses[0] and bf16_losses[-1] < 0.5 * bf16_losses[0]
 
 
 def test_gemma_head_dim_256_is_refused_on_te() -> None:
