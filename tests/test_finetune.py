@@ -141,7 +141,7 @@ def test_resume_continues_exactly(tmp_path) -> None:
     run(tmp_path, "split", stop_after_steps=6)
     assert [p.name for p in checkpoints(tmp_path / "split" / "checkpoints")] == ["step-00000004", "step-00000006"]
     saved = tmp_path / "split" / "run_config.json"  # a run started before a setting existed
-    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "bf16_first_layers"}))
+    saved.write_text(json.dumps({k: v for k, v in json.loads(saved.read_text()).items() if k != "data_split"}))
     resumed = run(tmp_path, "split", resume=True)
     assert resumed.steps == 12
     want, got = train_losses(whole.output_dir), train_losses(resumed.output_dir)
@@ -351,13 +351,6 @@ def test_explicit_features_that_cannot_run_are_refused_at_start(tmp_path, option
     with pytest.raises(ConfigError, match=re.escape(message)):
         run(tmp_path, backend=backend, packing=backend != "hf", **{option: True}, **clipped)
     assert not (tmp_path / "run").exists()  # refused before anything was written
-
-
-def test_bf16_layer_counts_are_checked_before_the_run_starts(tmp_path) -> None:
-    with pytest.raises(ValueError, match="cannot keep the first 99"):
-        run(tmp_path, bf16_first_layers=99)
-    assert not (tmp_path / "run").exists()
-    assert run(tmp_path, "ok", bf16_first_layers=1, bf16_last_layers=1, max_steps=2).steps == 2  # inert in fp32
 
 
 def test_fused_loss_trains_like_transformers_loss(tmp_path) -> None:

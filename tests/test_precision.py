@@ -8,6 +8,7 @@ from conftest import random_hf_model, te_unavailable_reason
 
 import te_llama
 from te_llama import BackendUnavailableError
+from te_llama.precision import AUTO_FP8, PRECISIONS, auto_precision
 
 needs_no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU error path")
 
@@ -48,14 +49,18 @@ def test_bf16_autocast_runs_the_reference_model_on_cpu() -> None:
     assert float((low.float() - full).norm() / full.norm()) < 2e-2
 
 
-def test_keep_layers_in_bf16_marks_the_first_and_last_layers_and_rejects_bad_counts() -> None:
-    model = te_llama.convert(random_hf_model("llama2-mha"), backend="reference")
-    layers = model.model.layers
-    count = len(layers)
-    assert te_llama.keep_layers_in_bf16(model, 1, 1) == [0, count - 1]
-    assert [layer.fp8 for layer in layers] == [False] + [True] * (count - 2) + [False]
-    assert te_llama.keep_layers_in_bf16(model, 0) == []  # back to FP8 everywhere
-    assert all(layer.fp8 for layer in layers)
-    for first, last in ((count, 1), (-1, 0)):
-        with pytest.raises(ValueError, match="choose counts >= 0"):
-            te_llama.keep_layers_in_bf16(model, first, last)
+@pytest.mark.parametrize(("available", "want"), [(True, AUTO_FP8), (False, "bf16")])
+def test_auto_precision_is_the_qualified_fp8_recipe_only_on_one_fp8_gpu(monkeypatch, available, want) -> None:
+    import sys
+    import types
+
+    probe = types.SimpleNamespace(is_fp8_available=lambda return_reason: (available, "" if available else "sm_80"))
+    monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", probe)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "GPU")
+    assert auto_precision(cuda=True, backend="te")[0] == want
+    assert auto_precision(cuda=True, backend="te", processes=2) == ("bf16", "several processes (FP8 is chosen with "
+                                                                            "--precision)")
+    assert auto_precision(cuda=True, backend="hf")[0] == "bf16"
+    assert auto_precision(cuda=False, backend="reference") == ("fp32", "no GPU")
+    assert AUTO_FP8 in PRECISIONS

@@ -209,6 +209,23 @@ def test_resume_refuses_data_changed_in_place(tmp_path) -> None:
         run(tmp_path, data=str(data), resume=True)
 
 
+def test_resume_refuses_another_resolved_precision(tmp_path) -> None:
+    """"auto" resolves per machine and version: a run that trained in BF16 is not resumed in FP8
+    (or here, fp32) because "auto" now means something else; the message gives the flag to pass."""
+    run(tmp_path, stop_after_steps=2)
+    saved = tmp_path / "run" / "run_config.json"
+    config = json.loads(saved.read_text())
+    assert config["precision"] == "auto" and config["resolved"] == {
+        "backend": "reference", "precision": "fp32", "param_dtype": "float32"}
+    saved.write_text(json.dumps(config | {"resolved": config["resolved"] | {"precision": "bf16"}}))
+    before = sorted(p.name for p in (tmp_path / "run").iterdir())
+    with pytest.raises(RunDirectoryError, match="trained with precision bf16 \\(now fp32\\); resume it the same "
+                                                "way: --precision bf16"):
+        run(tmp_path, resume=True)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == before
+    assert run(tmp_path, resume=True, precision="bf16", max_steps=4).steps == 4  # as told: it resumes
+
+
 # ---- signals: finish the step, save, say how to resume
 
 

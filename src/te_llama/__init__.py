@@ -15,7 +15,7 @@ from .model.convert import convert
 from .model.hf_checkpoint import from_pretrained, save_pretrained
 from .model.mapping import hf_to_te, te_to_hf
 from .model.spec import ArchitectureSpec
-from .precision import PRECISIONS, autocast, keep_layers_in_bf16
+from .precision import PRECISIONS, autocast
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,6 @@ __all__ = [
     "convert",
     "from_pretrained",
     "hf_to_te",
-    "keep_layers_in_bf16",
     "save_pretrained",
     "te_to_hf",
 ]

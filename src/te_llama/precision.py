@@ -11,9 +11,6 @@ BF16 through `torch.autocast`; the FP8 names add TE's FP8 autocast with a recipe
     fp8-delayed-fastacc, fp8-current-fastacc
                  the same recipes with Hopper's fast FP8 accumulation in the backward GEMMs
                  too (TE promotes their partial sums to FP32 by default; te_llama.fp8_recipes)
-
-`keep_layers_in_bf16` exempts the first / last decoder layers from FP8 (they run BF16 inside
-the FP8 autocast): most of FP8's slower learning comes from the first layers (docs/DESIGN.md).
 """
 
 from __future__ import annotations
@@ -61,25 +58,6 @@ def make_recipe(precision: str) -> Any:
     if name == "fp8-block":
         return recipe.Float8BlockScaling()
     return recipe.MXFP8BlockScaling()
-
-
-def keep_layers_in_bf16(model: torch.nn.Module, first: int, last: int = 0) -> list[int]:
-    """Run the first `first` and the last `last` decoder layers in BF16 when the model trains in
-    FP8 (inert otherwise); every other layer back to FP8. Call before capturing CUDA graphs.
-
-    Why: on the Llama-2-7B shape the first layer in BF16 halves FP8's loss gap to BF16 after 50
-    steps, the last layer changes nothing (docs/DESIGN.md). Returns the BF16 indices.
-    """
-    from .model.convert import decoder_layers
-
-    layers = decoder_layers(model)
-    if first < 0 or last < 0 or first + last > len(layers):
-        raise ValueError(f"cannot keep the first {first} and last {last} of {len(layers)} decoder layers in BF16; "
-                         f"choose counts >= 0 that add up to at most {len(layers)}")
-    kept = [*range(first), *range(len(layers) - last, len(layers))]
-    for index, layer in enumerate(layers):
-        layer.fp8 = index not in kept
-    return kept
 
 
 def auto_precision(cuda: bool, backend: str, processes: int = 1) -> tuple[str, str]:

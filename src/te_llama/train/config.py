@@ -97,10 +97,6 @@ class FinetuneConfig:
     """"fp32", "bf16", "fp8" (= fp8-block), "fp8-delayed", "fp8-current", "fp8-block", "mxfp8",
     "fp8-delayed-fastacc", "fp8-current-fastacc" (fast FP8 accumulation in the backward GEMMs too);
     auto = fp8-delayed-fastacc with TE on one FP8 GPU (Hopper, Ada or newer), else bf16 on GPU, fp32 on CPU."""
-    bf16_first_layers: int = 0
-    """FP8 precisions: run this many first decoder layers in BF16."""
-    bf16_last_layers: int = 0
-    """FP8 precisions: run this many last decoder layers in BF16."""
     cuda_graphs: bool | None = None
     """Replay the TE layers as CUDA graphs for the packed token budget (rows padded to it). Unset
     (auto): wherever they run (backend te, packing, one process, no activation checkpointing);
@@ -158,7 +154,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
              "eval_fraction", "packing", "cache_dir"),
     "optimization": ("learning_rate", "weight_decay", "warmup_ratio", "schedule", "max_grad_norm", "batch_size",
                      "grad_accum", "seed", "max_steps", "epochs", "stop_after_steps"),
-    "speed": ("precision", "bf16_first_layers", "bf16_last_layers", "cuda_graphs", "overlap_optimizer", "fused_loss",
+    "speed": ("precision", "cuda_graphs", "overlap_optimizer", "fused_loss",
               "activation_checkpointing", "parallel"),
     "checkpointing": ("output_dir", "save_every", "save_every_minutes", "keep_last", "resume", "overwrite"),
     "logging": ("eval_every", "tensorboard"),
@@ -177,8 +173,6 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "warmup_ratio": (0, 1, "it is a share of the steps, from 0 to 1 (e.g. 0.03)"),
     "eval_fraction": (0, 0.9, "it is the share of examples held out, from 0 (no eval) to 0.9"),
     "max_grad_norm": (0, None, "it must be 0 (no clipping) or more"),
-    "bf16_first_layers": (0, None, "it must be 0 or more"),
-    "bf16_last_layers": (0, None, "it must be 0 or more"),
     "max_steps": (1, None, "it must be at least 1 (or leave it out to run --epochs epochs)"),
     "epochs": (1, None, "it must be at least 1"),
     "stop_after_steps": (1, None, "it must be at least 1 (or leave it out to run to the end)"),
@@ -285,9 +279,11 @@ def resolve_config(file: str | Path | None = None, **flags: Any) -> FinetuneConf
 
 
 def save_config(config: FinetuneConfig, path: Path, world_size: int = 1,
-                fingerprint: dict[str, str] | None = None) -> None:
-    """The resolved config, the number of processes the run started with and its data fingerprint."""
-    extra = {"world_size": world_size} | ({"fingerprint": fingerprint} if fingerprint else {})
+                fingerprint: dict[str, str] | None = None, resolved: dict[str, str] | None = None) -> None:
+    """The config, the number of processes the run started with, its data fingerprint, and what
+    its "auto" settings resolved to (backend, precision, param dtype) on the machine it started on."""
+    extra = {"world_size": world_size} | ({"fingerprint": fingerprint} if fingerprint else {}) | \
+        ({"resolved": resolved} if resolved else {})
     path.write_text(json.dumps(asdict(config) | extra, indent=2, sort_keys=True) + "\n")
 
 

@@ -307,7 +307,7 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
         # unless released before capture (at 4 x 1024 tokens that alone ran a 7B out of memory).
         graphed = te.make_graphed_callables(
             tuple(calls.values()), sample_args, num_warmup_iters=warmup_iters,
-            enabled=tuple(fp8 and getattr(layer, "fp8", True) for layer in layers),  # keep_layers_in_bf16
+            enabled=fp8,
             recipe=make_recipe(precision) if fp8 else None, post_warmup_hook=torch.cuda.empty_cache,
             cache_quantized_params=fp8)
     torch.cuda.synchronize(device)

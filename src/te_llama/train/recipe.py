@@ -53,6 +53,7 @@ from .parallel import (
 from .run_dir import (
     check_output_dir,
     check_resume_fingerprint,
+    check_resume_resolved,
     prepare_output_dir,
     resume_command,
 )
@@ -192,6 +193,8 @@ class Run:
 def start_run(config: FinetuneConfig) -> Run:
     """Every check before any slow work; the first write only once model and data are known good."""
     runtime = resolve_runtime(config)
+    resolved = {"backend": runtime.backend, "precision": runtime.precision,
+                "param_dtype": str(runtime.param_dtype).removeprefix("torch.")}
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")
     main, world = accelerator.is_main_process, accelerator.num_processes
     if world > 1 and runtime.device.type == "cuda":
@@ -200,6 +203,8 @@ def start_run(config: FinetuneConfig) -> Run:
         require_process_group("fsdp2")
     out = Path(config.output_dir)
     check_output_dir(config, world)
+    if config.resume:
+        check_resume_resolved(out, resolved)
     resolve_features(config, runtime, None, world, log=False)  # an explicit feature that cannot run: refused now
     with accelerator.main_process_first():  # a Hub id is downloaded once
         model_path = resolve_model(config.model) if config.model else None
@@ -217,7 +222,7 @@ def start_run(config: FinetuneConfig) -> Run:
                                          config.assistant_only_loss, config.long_rows, config.on_bad_rows,
                                          split=config.data_split, fingerprint=fingerprint)
     if main:
-        prepare_output_dir(config, world, fingerprint)
+        prepare_output_dir(config, world, fingerprint, resolved)
         sweep_interrupted_exports(out)
         sweep_incomplete(out / "checkpoints")
         (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))

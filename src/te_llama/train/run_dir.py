@@ -126,8 +126,9 @@ def _check_resume(config: FinetuneConfig, out: Path, world: int) -> None:
     # A setting added after the run started is absent from its file: it ran with the default.
     previous = {f.name: f.default for f in fields(FinetuneConfig)} | json.loads(saved.read_text())
     global_batch = previous.get("grad_accum", 1) * previous.get("world_size", 1)
+    resolved = previous.get("resolved") or {}  # compared resolved, by check_resume_resolved
     changed = sorted(k for k, v in asdict(config).items()
-                     if k not in RESUME_FREE_FIELDS and previous.get(k) != v
+                     if k not in RESUME_FREE_FIELDS and k not in resolved and previous.get(k) != v
                      and not (k == "grad_accum" and v * world == global_batch))
     if changed:
         diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
@@ -148,7 +149,21 @@ def check_resume_fingerprint(out: Path, fingerprint: dict[str, str]) -> None:
                                 "resuming would continue on other inputs. Restore them, or start a new --output-dir")
 
 
-def prepare_output_dir(config: FinetuneConfig, world: int = 1, fingerprint: dict[str, str] | None = None) -> Path:
+def check_resume_resolved(out: Path, resolved: dict[str, str]) -> None:
+    """Refuse to resume in another backend, precision or weight dtype than the run trained in: an
+    "auto" setting resolves by machine and te-llama version, so it is compared resolved."""
+    previous = json.loads((out / RUN_CONFIG).read_text()).get("resolved")
+    if previous is None:  # a run from before this was recorded
+        return
+    changed = [k for k in resolved if k in previous and previous[k] != resolved[k]]
+    if changed:
+        diffs = ", ".join(f"{k} {previous[k]} (now {resolved[k]})" for k in changed)
+        flags = " ".join(f"--{k.replace('_', '-')} {previous[k]}" for k in changed)
+        raise RunDirectoryError(f"--resume: the run in {out} trained with {diffs}; resume it the same way: {flags}")
+
+
+def prepare_output_dir(config: FinetuneConfig, world: int = 1, fingerprint: dict[str, str] | None = None,
+                       resolved: dict[str, str] | None = None) -> Path:
     """Create the run folder, replacing te-llama's own files of a previous run when allowed.
 
     Call after `check_output_dir`; rechecks, since time passed while the model and data loaded.
@@ -166,7 +181,7 @@ def prepare_output_dir(config: FinetuneConfig, world: int = 1, fingerprint: dict
             else:
                 entry.unlink()
     out.mkdir(parents=True, exist_ok=True)
-    save_config(config, out / RUN_CONFIG, world_size=world, fingerprint=fingerprint)
+    save_config(config, out / RUN_CONFIG, world_size=world, fingerprint=fingerprint, resolved=resolved)
     return out
 
 

@@ -18,7 +18,7 @@ from ..model.builtin import builtin_model, builtin_tokenizer
 from ..model.convert import convert
 from ..model.hf_checkpoint import from_pretrained
 from ..model.presets import preset_config
-from ..precision import FP8_PRECISIONS, auto_precision, check_precision_available, keep_layers_in_bf16
+from ..precision import FP8_PRECISIONS, auto_precision, check_precision_available
 from .config import ConfigError, FinetuneConfig
 from .data import DataError
 from .step import Runtime
@@ -81,11 +81,7 @@ def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime, model_pat
 
 
 def prepare_for_training(model: Any, config: FinetuneConfig, runtime: Runtime) -> Any:
-    """The run's layer options on a loaded model: first/last layers in BF16 under FP8, activation checkpointing."""
-    if config.bf16_first_layers or config.bf16_last_layers:  # before graphs and sharding see the layers
-        kept = keep_layers_in_bf16(model, config.bf16_first_layers, config.bf16_last_layers)
-        logger.info("decoder layers %s run in BF16%s", kept, "" if runtime.precision in FP8_PRECISIONS
-                    else f" (inert: precision {runtime.precision} has no FP8)")
+    """The run's layer options on a loaded model (activation checkpointing), in training mode."""
     if config.activation_checkpointing:  # renamed in newer transformers; same switch
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

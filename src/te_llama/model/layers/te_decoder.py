@@ -21,16 +21,6 @@ TE_ACTIVATIONS = {"swiglu": "swiglu", "geglu_tanh": "geglu"}
 class TEDecoderLayer(HFDecoderAdapter, te.TransformerLayer):
     """`te.TransformerLayer` called the way transformers calls a `LlamaDecoderLayer`."""
 
-    fp8: bool = True
-    """False: this layer runs in BF16 even inside an FP8 autocast (`te_llama.keep_layers_in_bf16`)."""
-
-    def forward_packed(self, tokens: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
-                       angles: torch.Tensor) -> torch.Tensor:
-        if self.fp8:
-            return super().forward_packed(tokens, cu_seqlens, max_seqlen, angles)
-        with te.autocast(enabled=False):  # TE records this per module: the backward stays BF16 too
-            return super().forward_packed(tokens, cu_seqlens, max_seqlen, angles)
-
 
 def build_te_decoder_layer(spec: ArchitectureSpec, layer_index: int, fuse_qkv: bool,
                            device: torch.device | str, dtype: torch.dtype) -> TEDecoderLayer:
