@@ -105,3 +105,40 @@ def test_row_pass_overwrites_logits_with_their_gradient_and_zeroes_ignored_rows(
 def test_mis_shaped_inputs_are_named() -> None:
     with pytest.raises(ValueError, match=r"got \(6, 8\), \(11, 7\), \(6,\)"):
         linear_cross_entropy(torch.zeros(6, 8), torch.zeros(11, 7), torch.zeros(6, dtype=torch.long))
+
+
+def test_chunks_give_the_one_chunk_loss_and_gradients(monkeypatch) -> None:
+    """Logits in chunks of 64 tokens (4 chunks here) against one chunk holding every token."""
+    from te_llama.train import loss as loss_module
+
+    gen = torch.Generator().manual_seed(3)
+    hidden, weight = torch.randn(200, 32, generator=gen), torch.randn(96, 32, generator=gen)
+    targets = torch.randint(0, 96, (200,), generator=gen)
+    targets[::7] = IGNORE_INDEX
+    results = []
+    for chunk_bytes in (64 * 96 * 4, 2**40):
+        monkeypatch.setattr(loss_module, "CHUNK_BYTES", chunk_bytes)
+        assert loss_module.chunk_tokens(96, 4) == (64 if chunk_bytes < 2**20 else 2**40 // (96 * 4))
+        h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+        loss = linear_cross_entropy(h, w, targets)
+        (loss * 0.5).backward()
+        with torch.no_grad():  # eval: the loss alone, no gradients computed
+            assert float(linear_cross_entropy(h, w, targets)) == float(loss)
+        results.append((loss.detach(), h.grad, w.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+
+
+def test_a_frozen_lm_head_gets_no_gradient() -> None:
+    """Under LoRA the lm_head is frozen: only the hidden states' gradient is computed."""
+    gen = torch.Generator().manual_seed(4)
+    hidden, weight = torch.randn(10, 8, generator=gen), torch.randn(16, 8, generator=gen)
+    targets = torch.randint(0, 16, (10,), generator=gen)
+    got_hidden, want_hidden = hidden.clone().requires_grad_(), hidden.clone().requires_grad_()
+    got = linear_cross_entropy(got_hidden, weight, targets)
+    got.backward()
+    want = torch.nn.functional.cross_entropy(want_hidden @ weight.t(), targets)
+    want.backward()
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got_hidden.grad, want_hidden.grad)
+    assert weight.grad is None

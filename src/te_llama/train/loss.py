@@ -1,11 +1,15 @@
-"""The causal-LM loss without FP32 logits: the lm_head GEMM, then one kernel per token row that
-computes the row's loss and overwrites its logits with their gradient, read by the backward's GEMMs.
+"""The causal-LM loss without FP32 logits and without the whole logits: per chunk of tokens, the
+lm_head GEMM, one kernel per token row that computes the row's loss and overwrites its logits with
+their gradient, and the two GEMMs that turn that into the hidden states' and lm_head's gradients.
 
 Why: transformers computes the logits in BF16, copies them to FP32 and runs log-softmax and NLL
 forward and backward over that copy: at Llama-3's 128k vocabulary and 2,048 tokens that is
 ~1 GB per FP32 tensor, several of them alive at once, and ~9 GB of memory traffic per step.
 Here the BF16 logits are written once by the GEMM, read twice and overwritten once with their
-gradient (softmax minus one-hot, unscaled, in the logits' dtype); nothing else of that size exists.
+gradient (softmax minus one-hot, unscaled, in the logits' dtype), one chunk of at most
+CHUNK_BYTES at a time: the whole (tokens, vocab) logits never exist (4 GB at 16k tokens and a
+128k vocabulary). The gradients are computed in the forward, where the chunk's logits are at
+hand, and scaled by the incoming gradient in the backward.
 
 Same loss as HF's `ForCausalLMLoss`: labels shifted left by one, -100 ignored, mean over the
 remaining tokens. On CUDA with Triton the row pass is a Triton kernel; elsewhere it is plain
@@ -25,6 +29,8 @@ from ..availability import triton_available
 IGNORE_INDEX = -100
 BLOCK = 4096
 """Vocabulary columns a Triton program reads per iteration."""
+CHUNK_BYTES = 512 * 2**20
+"""Logits alive at once: 2,048 tokens of a 128k vocabulary in BF16, 8,192 of a 32k one."""
 
 
 def causal_lm_loss(model: nn.Module, labels: torch.Tensor, **inputs) -> torch.Tensor:
@@ -47,30 +53,53 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: to
             targets.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: hidden (tokens, h), weight (vocab, h) and targets (tokens,) "
                          f"expected; got {tuple(hidden.shape)}, {tuple(weight.shape)}, {tuple(targets.shape)}")
-    return _LinearCrossEntropy.apply(hidden, weight, targets)
+    return _LinearCrossEntropy.apply(hidden, weight, targets, torch.is_grad_enabled())
+
+
+def chunk_tokens(vocab: int, itemsize: int) -> int:
+    """Tokens per chunk: logits of at most CHUNK_BYTES (at least 64 rows, so GEMMs keep some size)."""
+    return max(64, CHUNK_BYTES // (vocab * itemsize))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, grad_enabled: bool
+                ) -> torch.Tensor:
         device_type = hidden.device.type
         dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
         h, w = hidden.to(dtype), weight.to(dtype)
-        logits = h @ w.t()  # (tokens, vocab); becomes its own gradient below
-        row_losses = loss_and_grad_rows(logits, targets)
         counted = (targets != IGNORE_INDEX).sum()
-        ctx.save_for_backward(h, w, logits, counted)
+        want_hidden, want_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])  # eval: loss only
+        # The mean's 1/N goes into the small operand, in FP32, before the (vocab, h) product.
+        h_scaled = (h.float() / counted.clamp_min(1)).to(dtype) if want_weight else None
+        grad_hidden = torch.empty_like(h) if want_hidden else None  # (tokens, h)
+        # One rounding per chunk when accumulating in BF16; FP32 weights accumulate in FP32.
+        grad_weight = torch.zeros_like(w) if want_weight else None  # (vocab, h)
+        loss = torch.zeros((), device=h.device, dtype=torch.float32)
+        step = chunk_tokens(w.shape[0], w.element_size())
+        with torch.autocast(device_type, enabled=False):  # operands are in `dtype` already; out= below
+            for start in range(0, h.shape[0], step):
+                rows = slice(start, start + step)
+                logits = h[rows] @ w.t()  # (chunk, vocab); becomes its own gradient below
+                loss += loss_and_grad_rows(logits, targets[rows]).sum()
+                if want_hidden:
+                    torch.matmul(logits, w, out=grad_hidden[rows])
+                if want_weight:
+                    grad_weight.addmm_(logits.t(), h_scaled[rows])
+                del logits
+        ctx.save_for_backward(grad_hidden, grad_weight, counted)
         ctx.input_dtypes = (hidden.dtype, weight.dtype)
-        return row_losses.sum() / counted
+        return loss / counted
 
     @staticmethod
     def backward(ctx, grad_loss: torch.Tensor):
-        h, w, grad_logits, counted = ctx.saved_tensors
-        scale = grad_loss.float() / counted  # the mean's 1/N and the incoming gradient, in FP32
-        grad_hidden = ((grad_logits @ w).float() * scale).to(ctx.input_dtypes[0])  # (tokens, h)
-        # Scale the small operand, not the (vocab, h) product.
-        grad_weight = (grad_logits.t() @ (h.float() * scale).to(h.dtype)).to(ctx.input_dtypes[1])  # (vocab, h)
-        return grad_hidden, grad_weight, None
+        grad_hidden, grad_weight, counted = ctx.saved_tensors
+        scale = grad_loss.float()
+        if grad_hidden is not None:  # the mean's 1/N and the incoming gradient, in FP32
+            grad_hidden = (grad_hidden.float() * (scale / counted)).to(ctx.input_dtypes[0])
+        if grad_weight is not None:
+            grad_weight = (grad_weight * scale).to(ctx.input_dtypes[1])
+        return grad_hidden, grad_weight, None, None
 
 
 def loss_and_grad_rows(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
