@@ -1,10 +1,10 @@
 """`te-llama finetune` end to end against transformers as is, on an SFT-like length mix.
 
     python3 scripts/finetune_compare.py --preset llama3-8b --out /tmp/compare            # a GPU
-    python3 scripts/finetune_compare.py --preset tiny-llama --steps 6 --out /tmp/compare  # a CPU check
+    python3 scripts/finetune_compare.py --preset tiny-llama --steps 6 --max-seq-len 1024 --out /tmp/compare  # CPU
 
 A random-weight checkpoint of the preset's shape (the built-in tokenizer), chat conversations whose
-lengths follow a log-normal mix (median ~400 tokens, 32 up to max-seq-len, like common SFT sets),
+lengths follow a log-normal mix (median ~460 tokens, ~40 up to max-seq-len, like common SFT sets),
 and one `te-llama finetune` process per row: te-llama's defaults, and `--backend hf --no-packing`
 (transformers as is, padded batches). Useful tokens/s = real (non-pad) tokens over the time of the
 steps after the warm-up, from each run's metrics.jsonl. Random weights: speed only.
@@ -100,8 +100,10 @@ def main() -> int:
     parser.add_argument("--variants", nargs="+", default=["te-llama", "hf"], choices=list(ROWS))
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.steps <= args.warmup:
+        parser.error(f"--steps {args.steps} leaves no timed step after --warmup {args.warmup}")
     args.out.mkdir(parents=True, exist_ok=True)
-    model, data = args.out / "model", args.out / "chat.jsonl"
+    model, data = args.out / f"model-{args.preset}", args.out / "chat.jsonl"
     if not (model / "config.json").exists():
         make_checkpoint(args.preset, model)
     make_chat_data(data, args.rows, args.max_seq_len)

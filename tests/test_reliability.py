@@ -226,6 +226,26 @@ def test_resume_refuses_another_resolved_precision(tmp_path) -> None:
     assert run(tmp_path, resume=True, precision="bf16", max_steps=4).steps == 4  # as told: it resumes
 
 
+def test_resume_of_a_run_that_predates_the_resolved_record(tmp_path) -> None:
+    """Without the record, "auto" is read as it meant then (BF16 on CUDA, FP32 on CPU), an explicit
+    value as written; a setting this te-llama no longer has is refused when the run used it."""
+    run(tmp_path, stop_after_steps=2, seed=3)
+    saved = tmp_path / "run" / "run_config.json"
+    config = json.loads(saved.read_text())
+    legacy = {k: v for k, v in config.items() if k not in ("resolved", "eval_split_seed")}
+    saved.write_text(json.dumps(legacy | {"bf16_first_layers": 2}))
+    with pytest.raises(RunDirectoryError, match="no longer has \\({'bf16_first_layers': 2}\\)"):
+        run(tmp_path, resume=True, seed=3)
+    saved.write_text(json.dumps(legacy | {"precision": "bf16", "bf16_first_layers": 0}))
+    with pytest.raises(RunDirectoryError, match="trained with precision bf16 \\(now fp32\\)"):
+        run(tmp_path, resume=True, seed=3)
+    saved.write_text(json.dumps(legacy | {"bf16_first_layers": 0}))  # "auto" on a CPU meant fp32 then too
+    from te_llama.train.run_dir import eval_split_seed
+
+    assert eval_split_seed(resolve_config(output_dir=str(tmp_path / "run"), resume=True)) == 3  # its old split
+    assert run(tmp_path, resume=True, seed=3).steps == 4
+
+
 # ---- signals: finish the step, save, say how to resume
 
 

@@ -96,13 +96,14 @@ def _bench_quality(args: argparse.Namespace) -> int:
     report = run_quality(args.quality_size, args.variants or list(QUALITY_VARIANTS), args.seeds, args.out, options,
                          cases=tuple(args.quality_cases))
     print(render_quality(report))
-    summary = report["summary"] or report["scratch_summary"]
-    for row in summary:
-        verdict = f"not run ({row['reason']})" if row["qualifies"] is None else \
-            "qualifies" if row["qualifies"] else "does NOT qualify"
-        print(f"{row['variant']}: {verdict} (qualifies = mean eval loss within 1% of the base row's)")
+    for case, key in (("finetune", "summary"), ("from scratch", "scratch_summary")):
+        for row in report[key]:
+            verdict = f"not run ({row['reason']})" if row["qualifies"] is None else \
+                "qualifies" if row["qualifies"] else "does NOT qualify"
+            print(f"{case} {row['variant']}: {verdict} (qualifies = mean eval loss within 1% of the base row's)")
     print(f"reports (quality.json, quality.md, quality.png) in {args.out}")
-    return 0 if summary and summary[0]["mean_eval_loss"] is not None else 1
+    base_rows = [s[0] for s in (report["summary"], report["scratch_summary"]) if s]
+    return 0 if base_rows and all(row["mean_eval_loss"] is not None for row in base_rows) else 1
 
 
 def field_docs(cls: type) -> dict[str, str]:

@@ -69,8 +69,8 @@ QUALITY_VARIANTS = {v.name: v for v in [
             "backend", {"precision": "bf16"} | CLIP),
     Variant("bf16-noclip", "BF16 without gradient clipping (what lets AdamW overlap backward)",
             {"precision": "bf16"} | NO_CLIP),
-    *(Variant(p, f"--backend te --precision {p} --max-grad-norm 0 (FP8 as te-llama's fast path runs it)",
-              {"backend": "te", "precision": p} | NO_CLIP, None, _TE)
+    *(Variant(p, f"--backend te --precision {p} at the run's --max-grad-norm (default 0: te-llama's fast path)",
+              {"backend": "te", "precision": p}, None, _TE)
       for p in ("fp8-block", "fp8-delayed", "fp8-current", "fp8-delayed-fastacc", "fp8-current-fastacc")),
     Variant(HF, "transformers as is: --backend hf --no-packing, clipped at 1.0 (the Trainer's default)",
             {"backend": "hf", "packing": False} | CLIP),
@@ -202,7 +202,7 @@ def run_quality(size_name: str, variants: list[str], seeds: list[int], out_dir: 
         raise ValueError(f"unknown quality variant(s) {unknown}; choose from {list(QUALITY_VARIANTS)}")
     if not cases or set(cases) - set(CASES):
         raise ValueError(f"quality cases {list(cases)}: choose one or more of {list(CASES)}")
-    size, out, options = SIZES[size_name], Path(out_dir), options or {}
+    size, out, options, cases = SIZES[size_name], Path(out_dir), options or {}, tuple(dict.fromkeys(cases))
     chosen = [QUALITY_VARIANTS[n] for n in dict.fromkeys([BASE, *variants])]  # the base row always runs
     pre_rows = package_rows(size.pretrain_package, size.pretrain_rows, size.chunk_chars)
     fine_rows = package_rows(size.finetune_package, size.finetune_rows, size.chunk_chars)

@@ -282,10 +282,16 @@ def save_config(config: FinetuneConfig, path: Path, world_size: int = 1,
                 fingerprint: dict[str, str] | None = None, resolved: dict[str, str] | None = None) -> None:
     """The config, the number of processes the run started with, its data fingerprint, and what
     its "auto" settings resolved to (backend, precision, param dtype) on the machine it started on."""
-    extra = {"world_size": world_size} | ({"fingerprint": fingerprint} if fingerprint else {}) | \
-        ({"resolved": resolved} if resolved else {})
+    extra = {"world_size": world_size, "eval_split_seed": EVAL_SPLIT_SEED} | \
+        ({"fingerprint": fingerprint} if fingerprint else {}) | ({"resolved": resolved} if resolved else {})
     path.write_text(json.dumps(asdict(config) | extra, indent=2, sort_keys=True) + "\n")
 
+
+SAVED_EXTRAS = ("world_size", "eval_split_seed", "fingerprint", "resolved")
+"""What run_config.json holds beside the options."""
+EVAL_SPLIT_SEED = 0
+"""The held-out split does not move with --seed: runs with different seeds are judged on the same
+rows. (Runs whose run_config.json does not record it split by their --seed.)"""
 
 # Options that may differ between a run and its resumption without changing its results.
 RESUME_FREE_FIELDS = {"resume", "overwrite", "stop_after_steps", "cache_dir", "tensorboard", "output_dir",

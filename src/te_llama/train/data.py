@@ -128,16 +128,12 @@ def tokenize_rows(rows: datasets.Dataset, tokenizer: Any, max_seq_len: int, text
     return encoded.remove_columns(["length"]) if "length" in encoded.column_names else encoded
 
 
-EVAL_SPLIT_SEED = 0
-"""The held-out split does not move with --seed: runs with different seeds are judged on the same rows."""
-
-
-def split_eval(examples: datasets.Dataset, eval_fraction: float) -> tuple[datasets.Dataset, datasets.Dataset | None]:
+def split_eval(examples: datasets.Dataset, eval_fraction: float, seed: int
+               ) -> tuple[datasets.Dataset, datasets.Dataset | None]:
     """A held-out eval split (at least one example) when eval_fraction > 0 and there are >= 2 examples."""
     if eval_fraction <= 0 or len(examples) < 2:
         return examples, None
-    parts = examples.train_test_split(test_size=max(1, int(round(len(examples) * eval_fraction))),
-                                      seed=EVAL_SPLIT_SEED)
+    parts = examples.train_test_split(test_size=max(1, int(round(len(examples) * eval_fraction))), seed=seed)
     return parts["train"], parts["test"]
 
 

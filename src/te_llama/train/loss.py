@@ -7,7 +7,7 @@ forward and backward over that copy: at Llama-3's 128k vocabulary and 2,048 toke
 ~1 GB per FP32 tensor, several of them alive at once, and ~9 GB of memory traffic per step.
 Here the BF16 logits are written once by the GEMM, read twice and overwritten once with their
 gradient (softmax minus one-hot, unscaled, in the logits' dtype), one chunk of at most
-CHUNK_BYTES at a time: the whole (tokens, vocab) logits never exist (4 GB at 16k tokens and a
+CHUNK_BYTES (1 GiB) at a time: the whole (tokens, vocab) logits never exist (4 GB at 16k tokens and a
 128k vocabulary). The gradients are computed in the forward, where the chunk's logits are at
 hand, and scaled by the incoming gradient in the backward.
 
@@ -23,14 +23,16 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ..availability import triton_available
 
 IGNORE_INDEX = -100
 BLOCK = 4096
 """Vocabulary columns a Triton program reads per iteration."""
-CHUNK_BYTES = 512 * 2**20
-"""Logits alive at once: 2,048 tokens of a 128k vocabulary in BF16, 8,192 of a 32k one."""
+CHUNK_BYTES = 2**30
+"""Logits alive at once: 4,096 tokens of a 128k vocabulary in BF16, 16,384 of a 32k one. Larger
+chunks mean fewer roundings of the BF16 lm_head gradient accumulated over them."""
 
 
 def causal_lm_loss(model: nn.Module, labels: torch.Tensor, **inputs) -> torch.Tensor:
@@ -70,10 +72,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
         h, w = hidden.to(dtype), weight.to(dtype)
         counted = (targets != IGNORE_INDEX).sum()
         want_hidden, want_weight = (grad_enabled and need for need in ctx.needs_input_grad[:2])  # eval: loss only
-        # The mean's 1/N goes into the small operand, in FP32, before the (vocab, h) product.
+        # The mean's 1/N goes into the small operand, in FP32, before the (vocab, h) product. With no
+        # counted token the loss is NaN (0 / 0, as in torch) and both gradients are zero.
         h_scaled = (h.float() / counted.clamp_min(1)).to(dtype) if want_weight else None
         grad_hidden = torch.empty_like(h) if want_hidden else None  # (tokens, h)
-        # One rounding per chunk when accumulating in BF16; FP32 weights accumulate in FP32.
+        # Accumulated in the compute dtype: one rounding per chunk in BF16 (few chunks: CHUNK_BYTES).
         grad_weight = torch.zeros_like(w) if want_weight else None  # (vocab, h)
         loss = torch.zeros((), device=h.device, dtype=torch.float32)
         step = chunk_tokens(w.shape[0], w.element_size())
@@ -92,11 +95,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return loss / counted
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_loss: torch.Tensor):
         grad_hidden, grad_weight, counted = ctx.saved_tensors
         scale = grad_loss.float()
         if grad_hidden is not None:  # the mean's 1/N and the incoming gradient, in FP32
-            grad_hidden = (grad_hidden.float() * (scale / counted)).to(ctx.input_dtypes[0])
+            grad_hidden = (grad_hidden.float() * (scale / counted.clamp_min(1))).to(ctx.input_dtypes[0])
         if grad_weight is not None:
             grad_weight = (grad_weight * scale).to(ctx.input_dtypes[1])
         return grad_hidden, grad_weight, None, None

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from ..model.builtin import SAMPLE_TEXT, asset_path
 from ..model.hf_checkpoint import save_pretrained
 from ..model.source import resolve_model
-from ..precision import autocast
+from ..precision import DEFAULT_FP8, autocast
 from .batching import (
     Batch,
     collate_packed,
@@ -54,6 +54,7 @@ from .run_dir import (
     check_output_dir,
     check_resume_fingerprint,
     check_resume_resolved,
+    eval_split_seed,
     prepare_output_dir,
     resume_command,
 )
@@ -193,7 +194,8 @@ class Run:
 def start_run(config: FinetuneConfig) -> Run:
     """Every check before any slow work; the first write only once model and data are known good."""
     runtime = resolve_runtime(config)
-    resolved = {"backend": runtime.backend, "precision": runtime.precision,
+    resolved = {"backend": runtime.backend,  # "fp8" recorded as the recipe it stands for today
+                "precision": DEFAULT_FP8 if runtime.precision == "fp8" else runtime.precision,
                 "param_dtype": str(runtime.param_dtype).removeprefix("torch.")}
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")
     main, world = accelerator.is_main_process, accelerator.num_processes
@@ -204,7 +206,7 @@ def start_run(config: FinetuneConfig) -> Run:
     out = Path(config.output_dir)
     check_output_dir(config, world)
     if config.resume:
-        check_resume_resolved(out, resolved)
+        check_resume_resolved(out, resolved, runtime.device.type == "cuda")
     resolve_features(config, runtime, None, world, log=False)  # an explicit feature that cannot run: refused now
     with accelerator.main_process_first():  # a Hub id is downloaded once
         model_path = resolve_model(config.model) if config.model else None
@@ -227,7 +229,7 @@ def start_run(config: FinetuneConfig) -> Run:
         sweep_incomplete(out / "checkpoints")
         (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
     accelerator.wait_for_everyone()
-    train_set, eval_set = split_eval(examples, config.eval_fraction)
+    train_set, eval_set = split_eval(examples, config.eval_fraction, eval_split_seed(config))
     ours = runtime.backend != "hf"  # te-llama layers take the packed layout from the host
     train = BatchSource(train_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours)
     evals = BatchSource(eval_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours) if eval_set is not None else None

@@ -17,8 +17,9 @@ from dataclasses import asdict, fields
 from pathlib import Path
 
 from ..errors import TeLlamaError
+from ..precision import DEFAULT_FP8
 from .checkpoints import checkpoints, read_meta
-from .config import RESUME_FREE_FIELDS, FinetuneConfig, save_config
+from .config import EVAL_SPLIT_SEED, RESUME_FREE_FIELDS, SAVED_EXTRAS, FinetuneConfig, save_config
 
 logger = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
@@ -126,9 +127,8 @@ def _check_resume(config: FinetuneConfig, out: Path, world: int) -> None:
     # A setting added after the run started is absent from its file: it ran with the default.
     previous = {f.name: f.default for f in fields(FinetuneConfig)} | json.loads(saved.read_text())
     global_batch = previous.get("grad_accum", 1) * previous.get("world_size", 1)
-    resolved = previous.get("resolved") or {}  # compared resolved, by check_resume_resolved
-    changed = sorted(k for k, v in asdict(config).items()
-                     if k not in RESUME_FREE_FIELDS and k not in resolved and previous.get(k) != v
+    changed = sorted(k for k, v in asdict(config).items()  # RESOLVED_FIELDS: by check_resume_resolved
+                     if k not in RESUME_FREE_FIELDS and k not in RESOLVED_FIELDS and previous.get(k) != v
                      and not (k == "grad_accum" and v * world == global_batch))
     if changed:
         diffs = ", ".join(f"{k}: {previous.get(k)!r} -> {getattr(config, k)!r}" for k in changed)
@@ -149,17 +149,44 @@ def check_resume_fingerprint(out: Path, fingerprint: dict[str, str]) -> None:
                                 "resuming would continue on other inputs. Restore them, or start a new --output-dir")
 
 
-def check_resume_resolved(out: Path, resolved: dict[str, str]) -> None:
+RESOLVED_FIELDS = ("backend", "precision", "param_dtype")
+"""Options compared on resume by what they resolved to, not by what was written ("auto")."""
+LEGACY_AUTO_PRECISION = {True: "bf16", False: "fp32"}
+"""What precision "auto" meant (on CUDA / not) for runs that predate the "resolved" record."""
+
+
+def check_resume_resolved(out: Path, resolved: dict[str, str], cuda: bool) -> None:
     """Refuse to resume in another backend, precision or weight dtype than the run trained in: an
-    "auto" setting resolves by machine and te-llama version, so it is compared resolved."""
-    previous = json.loads((out / RUN_CONFIG).read_text()).get("resolved")
-    if previous is None:  # a run from before this was recorded
-        return
+    "auto" setting resolves by machine and te-llama version, so it is compared resolved. Settings
+    this te-llama no longer has are refused when the run used them."""
+    saved = json.loads((out / RUN_CONFIG).read_text())
+    gone = {k: v for k, v in saved.items() if k not in {f.name for f in fields(FinetuneConfig)}
+            and k not in SAVED_EXTRAS and v not in (0, None, False)}
+    if gone:
+        raise RunDirectoryError(f"--resume: the run in {out} used settings this te-llama no longer has ({gone}); "
+                                "finish it with the te-llama version that started it, or start a new run")
+    previous = saved.get("resolved")
+    if previous is None:  # a run from before the record: of the "auto"s only precision's changed meaning
+        previous = {}
+        for key in RESOLVED_FIELDS:
+            value = saved.get(key, "auto")
+            if value == "auto":
+                value = LEGACY_AUTO_PRECISION[cuda] if key == "precision" else resolved[key]
+            previous[key] = DEFAULT_FP8 if value == "fp8" else value
     changed = [k for k in resolved if k in previous and previous[k] != resolved[k]]
     if changed:
         diffs = ", ".join(f"{k} {previous[k]} (now {resolved[k]})" for k in changed)
         flags = " ".join(f"--{k.replace('_', '-')} {previous[k]}" for k in changed)
         raise RunDirectoryError(f"--resume: the run in {out} trained with {diffs}; resume it the same way: {flags}")
+
+
+def eval_split_seed(config: FinetuneConfig) -> int:
+    """The seed of the held-out split: fixed for new runs; a resumed run keeps the one it started
+    with (runs that predate the record split by their --seed)."""
+    if not config.resume:
+        return EVAL_SPLIT_SEED
+    saved = json.loads((Path(config.output_dir) / RUN_CONFIG).read_text())
+    return saved.get("eval_split_seed", saved.get("seed", 0))
 
 
 def prepare_output_dir(config: FinetuneConfig, world: int = 1, fingerprint: dict[str, str] | None = None,

@@ -32,7 +32,7 @@ def resolve_runtime(config: FinetuneConfig) -> Runtime:
     backend = config.backend if config.backend != "auto" else ("te" if cuda and te_available() else "reference")
     precision = config.precision
     if precision == "auto":
-        precision, why = auto_precision(cuda, backend, int(os.environ.get("WORLD_SIZE", "1")))
+        precision, why = auto_precision(cuda, backend, int(os.environ.get("WORLD_SIZE") or 1))
         logger.info("precision auto: %s (%s)", precision, why)
     if precision in FP8_PRECISIONS and backend != "te":
         raise ConfigError(f"--precision {precision} needs --backend te (FP8 GEMMs are Transformer Engine's)")

@@ -34,7 +34,7 @@ from .cuda_graphs import (
 )
 from .faults import out_of_memory
 from .layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
-from .loss import causal_lm_loss
+from .loss import causal_lm_loss, chunk_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -177,8 +177,7 @@ class TrainStep:
             logger.warning("CUDA graphs off: capturing them ran out of GPU memory; running eagerly")
             self.graph_shape = None
             return
-        logits_bytes = 3 * self.graph_shape.tokens * self.raw_model.config.vocab_size * 4
-        fits, detail = graphs_leave_room(self.raw_model, self.runtime.device, logits_bytes + 2 * 2**30)
+        fits, detail = graphs_leave_room(self.raw_model, self.runtime.device, self.loss_bytes() + 2 * 2**30)
         if not fits:
             release_cuda_graphs(self.raw_model)
             message = (f"CUDA graphs keep their activation memory reserved and would leave too little for the "
@@ -190,6 +189,15 @@ class TrainStep:
             return
         if self.runtime.precision in FP8_PRECISIONS:  # FP8 weights cast once per step, not per micro-batch
             installed_graphs(self.raw_model).track_weight_updates(getattr(self.optimizer, "optimizer", self.optimizer))
+
+    def loss_bytes(self) -> int:
+        """What the loss allocates beside the graphs: a chunk of BF16 logits and the lm_head's
+        gradient twice (fused loss), or three FP32 logits tensors (transformers' loss)."""
+        config, tokens = self.raw_model.config, self.graph_shape.tokens
+        if self.features.fused_loss:
+            return min(tokens, chunk_tokens(config.vocab_size, 2)) * config.vocab_size * 2 + \
+                2 * config.vocab_size * config.hidden_size * 2
+        return 3 * tokens * config.vocab_size * 4
 
     def __call__(self, micro_batches: list[Batch]) -> tuple[torch.Tensor, Any]:
         loss_sum = torch.zeros((), device=self.runtime.device)
