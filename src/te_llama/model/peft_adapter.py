@@ -36,7 +36,8 @@ _UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "lora_bi
 def adapter_config(lora: LoraSpec, base_model: str | None) -> dict[str, Any]:
     """PEFT's LoraConfig fields for these adapters (the others keep PEFT's defaults)."""
     return {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-            "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout,
+            "r": lora.rank, "lora_alpha": int(lora.alpha) if lora.alpha.is_integer() else lora.alpha,
+            "lora_dropout": lora.dropout,
             "target_modules": sorted(lora.targets), "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
             "use_dora": False, "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,
             "layers_to_transform": None, "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}}
@@ -85,7 +86,7 @@ def read_adapter_config(path: str | os.PathLike) -> tuple[LoraSpec, str | None]:
                         f"name, a list from {list(TARGETS)}")
     try:
         lora = LoraSpec(int(config["r"]), float(config["lora_alpha"]), float(config.get("lora_dropout") or 0.0),
-                        tuple(sorted(targets)))
+                        tuple(t for t in TARGETS if t in targets))  # te-llama's one order
     except (KeyError, TypeError, ValueError) as exc:
         raise LoraError(f"{file}: no usable r / lora_alpha ({exc})") from exc
     return lora, config.get("base_model_name_or_path")

@@ -67,9 +67,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_loss: torch.Tensor):
         h, w, grad_logits, counted = ctx.saved_tensors
         scale = grad_loss.float() / counted  # the mean's 1/N and the incoming gradient, in FP32
-        grad_hidden = ((grad_logits @ w).float() * scale).to(ctx.input_dtypes[0])  # (tokens, h)
-        # Scale the small operand, not the (vocab, h) product.
-        grad_weight = (grad_logits.t() @ (h.float() * scale).to(h.dtype)).to(ctx.input_dtypes[1])  # (vocab, h)
+        grad_hidden = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_hidden = ((grad_logits @ w).float() * scale).to(ctx.input_dtypes[0])  # (tokens, h)
+        if ctx.needs_input_grad[1]:  # not for a frozen lm_head (LoRA): that GEMM is as large as the forward's
+            # Scale the small operand, not the (vocab, h) product.
+            grad_weight = (grad_logits.t() @ (h.float() * scale).to(h.dtype)).to(ctx.input_dtypes[1])  # (vocab, h)
         return grad_hidden, grad_weight, None
 
 
