@@ -57,6 +57,15 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
+def release_weight_transposes(model: nn.Module) -> None:
+    """After a backward: free the transposed FP8 copies an FP8 LoRA base's weights got for it, so the frozen
+    base stays at one byte per weight between steps (`te_llama.model.layers.te_lora`); no-op otherwise."""
+    for layer in decoder_layers(model):
+        release = getattr(layer, "release_weight_transposes", None)
+        if release is not None:
+            release()
+
+
 def load_layer_weights(layer: nn.Module, tensors: Mapping[str, torch.Tensor], spec: ArchitectureSpec,
                        fuse_qkv: bool, where: str = "") -> None:
     """Copy TE-layout tensors into a layer's base parameters, strictly; freeze TE-only zero biases.

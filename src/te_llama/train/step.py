@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from ..availability import triton_available
-from ..model.convert import decoder_layers
+from ..model.convert import decoder_layers, release_weight_transposes
 from ..precision import FP8_PRECISIONS, autocast
 from .batching import Batch
 from .config import ConfigError, FinetuneConfig
@@ -206,6 +206,8 @@ class TrainStep:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.config.lora_base == "fp8" and self.graph_shape is None:  # graphs keep theirs in their pool
+            release_weight_transposes(self.raw_model)
         return loss_sum / len(micro_batches), grad_norm
 
 

@@ -10,7 +10,11 @@ FP8 base (`base_recipe`): the GEMM modules are built inside `te.quantized_model_
 weights are TE quantized tensors of that recipe (1 byte per element) and their GEMMs run FP8
 without casting the weights each step. Loading copies a checkpoint's values into them, which
 quantizes them (`QuantizedTensor.copy_`). The recipe must be the run's FP8 autocast recipe (TE
-checks that the weights' type matches it).
+checks that the weights' type matches it). Hopper's FP8 GEMMs read a weight transposed for the
+backward's dgrad; TE keeps that copy on the weight once made, which would double the base's
+bytes. Where TE can derive it from the row-wise data (per-tensor scaling; 2D block scaling, the
+weights' default) the weights are built row-wise only and `release_weight_transposes` frees what
+a backward made; MXFP8 cannot derive it (the column-wise scales differ) and keeps both.
 """
 
 from __future__ import annotations
@@ -51,8 +55,11 @@ class TELoraLayer(LoraForward, nn.Module):
         split = None if fuse_qkv else {"query": q, "key": kv, "value": kv}  # TE's own names for separate Q/K/V
         quantized = te.quantized_model_init(enabled=True, recipe=base_recipe) if base_recipe is not None else \
             contextlib.nullcontext()
+        self.transient_transposes = base_recipe is not None and not base_recipe.mxfp8()
+        """The FP8 weights hold no column-wise copy but while a backward needs it."""
         self.self_attention = nn.Module()
-        with quantized:
+        # TE quantizes weights row- and column-wise when built with gradients on, row-wise only without
+        with quantized, torch.no_grad() if self.transient_transposes else contextlib.nullcontext():
             self.self_attention.layernorm_qkv = te.LayerNormLinear(h, q + 2 * kv, parameters_split=split,
                                                                    **norm, **common)
             self.self_attention.proj = te.Linear(q, h, **common)
@@ -67,6 +74,20 @@ class TELoraLayer(LoraForward, nn.Module):
             qkv_format="thd", attn_mask_type="padding_causal", layer_number=layer_index + 1)
         self.activation = TE_GATED_UNITS[spec.activation]()
         self.lora = LoraAdapters(spec, lora, device)
+
+    def gemm_modules(self) -> tuple[nn.Module, ...]:
+        return self.self_attention.layernorm_qkv, self.self_attention.proj, self.layernorm_mlp, self.fc2
+
+    def release_weight_transposes(self) -> None:
+        """Free the column-wise (transposed) FP8 copies of the frozen weights that a backward made (dgrad
+        on Hopper); the next backward makes them again (one transpose per weight and step)."""
+        if not self.transient_transposes:
+            return
+        for module in self.gemm_modules():
+            for name in module.weight_names:
+                weight = getattr(module, name)
+                if isinstance(weight, te.QuantizedTensor):
+                    weight.update_usage(rowwise_usage=True, columnwise_usage=False)
 
     def project_qkv(self, x):
         mixed, normed = self.self_attention.layernorm_qkv(x)  # (t, q + 2 kv), (t, h)
