@@ -49,7 +49,10 @@ def conversion_of(model: nn.Module) -> Conversion:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """`model.model.layers` of a Llama-family *ForCausalLM (or the layers of a bare *Model)."""
+    """`model.model.layers` of a Llama-family *ForCausalLM (or the layers of a bare *Model; through a PEFT
+    wrapper, those of the model it wraps)."""
+    if callable(getattr(model, "get_base_model", None)):
+        model = model.get_base_model()
     base = getattr(model, "model", model)
     layers = getattr(base, "layers", None)
     if not isinstance(layers, nn.ModuleList):
