@@ -185,3 +185,19 @@ def test_last_pass_loss_averages_one_step_per_distinct_batch() -> None:
     result = _run_variant("hf", settings, timeout_s=300)
     assert len(result.losses) == 6
     assert result.last_pass_loss == pytest.approx(sum(result.losses[-4:]) / 4)
+
+
+def test_lora_rows_pass_the_lora_options_to_every_row_and_train_alike() -> None:
+    """--lora-rank reaches the peers too (transformers + PEFT, same rank and targets); --lora-base only ours."""
+    pytest.importorskip("peft")
+    from te_llama.bench.measure import measure, row_config
+
+    settings = BenchSettings(preset="tiny-llama", batch=2, seq=32, steps=2, warmup=1,
+                             options={"lora_rank": 4, "lora_targets": ["q_proj", "v_proj"]})
+    peer, ours = row_config(VARIANTS["hf-lora"], settings), row_config(VARIANTS["te-lora-fp8"], settings)
+    assert (peer.lora_rank, peer.lora_targets, peer.lora_base) == (4, ["q_proj", "v_proj"], "bf16")
+    assert (ours.lora_rank, ours.lora_base, ours.backend) == (4, "fp8", "te")
+    assert row_config(VARIANTS["hf"], settings).lora_rank == 4  # every row trains LoRA when asked
+    hf, reference = measure("hf-lora", settings), measure("reference", settings)
+    assert hf.status == reference.status == "ok"
+    assert reference.losses[0] == pytest.approx(hf.losses[0], rel=1e-4)  # new adapters change nothing

@@ -85,3 +85,24 @@ def test_fsdp2_without_a_distributed_launch_is_a_clear_error(tmp_path) -> None:
                            "--cache-dir", str(tmp_path / "cache"), "--max-steps", "1", "--parallel", "fsdp2"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and "te-llama: error: --parallel fsdp2 needs a distributed launch" in proc.stderr
+
+
+def test_fsdp2_lora_matches_one_process_and_resumes_its_sharded_adapters(tmp_path) -> None:
+    """LoRA under FSDP2: the frozen base is sharded but never trained; the checkpoints hold the adapters and
+    their optimizer state only, and re-shard on resume; the export is one PEFT adapter, as one process writes."""
+    from safetensors.torch import load_file
+
+    lora = ["--lora-rank", "4", "--learning-rate", "1e-2", "--max-grad-norm", "0"]
+    single = finetune(tmp_path, "single", 1, "--grad-accum", "2", *lora)
+    sharded = finetune(tmp_path, "fsdp2", 2, "--grad-accum", "1", "--parallel", "fsdp2", *lora,
+                       "--stop-after-steps", "3")
+    assert sharded == {step: single[step] for step in range(1, 4)}
+    resumed = finetune(tmp_path, "fsdp2", 1, "--grad-accum", "2", "--parallel", "fsdp2", *lora, "--resume",
+                       launcher=True)
+    for step in range(4, 7):
+        assert resumed[step] == pytest.approx(single[step], rel=1e-5), step
+    want = load_file(tmp_path / "single" / "final" / "adapter_model.safetensors")
+    got = load_file(tmp_path / "fsdp2" / "final" / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and len(want) == 2 * 7 * 4
+    for key, tensor in want.items():
+        torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-6, msg=key)

@@ -1,4 +1,4 @@
-"""`te-llama bench --quality` end to end on the CPU: the tiny preset, one seed, base and hf rows."""
+"""`te-llama bench --quality` end to end on the CPU: the tiny preset, one seed, base and hf rows, LoRA rows."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ import math
 import pytest
 import torch
 
-from te_llama.bench.quality import BASE, HF, run_quality
+from te_llama.bench.quality import BASE, HF, HF_LORA, LORA_BASE, run_quality
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU stand-in and the no-GPU skips")
 def test_tiny_quality_bench_end_to_end(tmp_path) -> None:
-    report = run_quality("tiny", [BASE, HF, "fp8-delayed"], [0], tmp_path / "out", cache_dir=str(tmp_path / "cache"),
-                         progress=lambda _: None)
+    pytest.importorskip("peft")
+    report = run_quality("tiny", [BASE, HF, "fp8-delayed", LORA_BASE, "lora-fp8", HF_LORA], [0], tmp_path / "out",
+                         cache_dir=str(tmp_path / "cache"), progress=lambda _: None)
 
     rows = [json.loads(line)["text"] for line in (tmp_path / "out/data/pretrain.jsonl").read_text().splitlines()]
     fine = [json.loads(line)["text"] for line in (tmp_path / "out/data/finetune.jsonl").read_text().splitlines()]
@@ -24,8 +25,8 @@ def test_tiny_quality_bench_end_to_end(tmp_path) -> None:
 
     assert report["pretrain"]["final_loss"] < report["pretrain"]["first_loss"] - 0.5
     by_name = {r["variant"]: r for r in report["finetune"]}
-    assert set(by_name) == {BASE, HF, "fp8-delayed"}
-    for name in (BASE, HF):
+    assert set(by_name) == {BASE, HF, "fp8-delayed", LORA_BASE, "lora-fp8", HF_LORA}
+    for name in (BASE, HF, LORA_BASE, HF_LORA):
         assert by_name[name]["status"] == "ok" and math.isfinite(by_name[name]["eval_loss"])
     assert by_name[BASE]["config"] == {"backend": "reference", "precision": "fp32", "max_grad_norm": 1.0}  # stand-in
     assert by_name[HF]["config"]["max_grad_norm"] == 1.0  # transformers as the Trainer runs it
@@ -34,7 +35,14 @@ def test_tiny_quality_bench_end_to_end(tmp_path) -> None:
     summary = {s["variant"]: s for s in report["summary"]}
     assert summary[BASE]["ratio_base"] == 1.0 and summary[BASE]["qualifies"]
     assert summary["fp8-delayed"]["qualifies"] is None
-    assert [r["variant"] for r in report["scratch"]] == [BASE, HF, "fp8-delayed"]
+    # LoRA rows: the same rank, targets, steps and (higher) learning rate, judged against transformers + PEFT
+    assert by_name[LORA_BASE]["config"] == {"backend": "reference", "precision": "fp32", "lora_rank": 16,
+                                            "max_grad_norm": 1.0}
+    assert by_name[HF_LORA]["config"]["lora_rank"] == 16 and by_name["lora-fp8"]["status"] == "skipped"
+    assert summary[LORA_BASE]["reference"] == HF_LORA and summary[HF_LORA]["ratio_reference"] == 1.0
+    assert summary[LORA_BASE]["qualifies"] is not None and summary[BASE]["reference"] == BASE
+    assert by_name[LORA_BASE]["eval_loss"] < report["pretrain"]["first_loss"]
+    assert [r["variant"] for r in report["scratch"]] == [BASE, HF, "fp8-delayed"]  # no LoRA from scratch
     assert all(r["status"] == "ok" for r in report["scratch"] if r["variant"] != "fp8-delayed")
 
     for name in ("quality.json", "quality.md", "quality.png"):

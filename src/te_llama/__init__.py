@@ -13,6 +13,7 @@ from .errors import (
 )
 from .model.convert import convert
 from .model.hf_checkpoint import from_pretrained, save_pretrained
+from .model.lora import LoraSpec
 from .model.mapping import hf_to_te, te_to_hf
 from .model.spec import ArchitectureSpec
 from .precision import PRECISIONS, autocast
@@ -31,6 +32,7 @@ __all__ = [
     "convert",
     "from_pretrained",
     "hf_to_te",
+    "LoraSpec",
     "save_pretrained",
     "te_to_hf",
 ]

@@ -49,7 +49,11 @@ def _finetune(args: argparse.Namespace) -> int:
     result = finetune(resolve_config(args.config, **flags))
     eval_part = (f", eval loss {result.eval_loss:.4f} (ppl {math.exp(min(result.eval_loss, 50)):.2f})"
                  if result.eval_loss is not None else "")
-    where = f"HF model exported to {result.exported}" if result.exported else f"checkpoint in {result.output_dir}"
+    adapter = result.exported is not None and (result.exported / "adapter_config.json").is_file()
+    merged = result.output_dir / "final-merged"
+    where = (f"{'PEFT adapter' if adapter else 'HF model'} exported to {result.exported}"
+             + (f", merged model to {merged}" if adapter and merged.is_dir() else "")) if result.exported else \
+        f"checkpoint in {result.output_dir}"
     print(f"done: {result.steps} steps, final train loss {result.final_loss:.4f}{eval_part}, "
           f"{result.useful_tokens_per_s:,.0f} useful tokens/s; {where}; "
           f"metrics {result.output_dir / 'metrics.jsonl'}, plot {result.output_dir / 'metrics.png'}")
@@ -100,7 +104,8 @@ def _bench_quality(args: argparse.Namespace) -> int:
         for row in report[key]:
             verdict = f"not run ({row['reason']})" if row["qualifies"] is None else \
                 "qualifies" if row["qualifies"] else "does NOT qualify"
-            print(f"{case} {row['variant']}: {verdict} (qualifies = mean eval loss within 1% of the base row's)")
+            print(f"{case} {row['variant']}: {verdict} (qualifies = mean eval loss within 1% of "
+                  f"{row['reference']}'s)")
     print(f"reports (quality.json, quality.md, quality.png) in {args.out}")
     base_rows = [s[0] for s in (report["summary"], report["scratch_summary"]) if s]
     return 0 if base_rows and all(row["mean_eval_loss"] is not None for row in base_rows) else 1
@@ -127,8 +132,12 @@ def _add_config_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] =
             flag, kind = "--" + name.replace("_", "-"), hints[name]
             default = "auto" if defaults[name] is None and bool in get_args(kind) else defaults[name]
             help_text = f"{docs.get(name, '')} (default: {default})".replace("%", "%%")
+            listed = next((a for a in get_args(kind) if get_origin(a) is list), None)
             if kind is bool or bool in get_args(kind):  # bool | None: unset means auto
                 section.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            elif listed is not None:  # list[Literal[...]] | None: names separated by spaces
+                section.add_argument(flag, nargs="+", choices=get_args(get_args(listed)[0]), default=None,
+                                     metavar="NAME", help=help_text)
             elif get_origin(kind) is Literal:
                 section.add_argument(flag, choices=get_args(kind), default=None, help=help_text)
             else:
@@ -136,11 +145,11 @@ def _add_config_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] =
                 section.add_argument(flag, type=base, default=None, metavar=name.upper(), help=help_text)
 
 
-BENCH_OPTION_GROUPS = ("optimization", "speed")
+BENCH_OPTION_GROUPS = ("optimization", "speed", "lora")
 BENCH_SETS = ("batch_size", "max_steps", "epochs", "stop_after_steps", "seed", "learning_rate", "grad_accum",
-              "parallel")
+              "parallel", "lora_adapter", "merge_lora")
 """Finetune options the bench does not pass through: its own flags set them (--batch, --steps, --seed,
---lr), and it times one process and one micro-batch per step."""
+--lr), it times one process and one micro-batch per step, and it exports nothing."""
 BENCH_OPTION_GROUPS_FIELDS = [name for group in BENCH_OPTION_GROUPS for name in GROUPS[group] if name not in BENCH_SETS]
 
 
@@ -165,8 +174,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = sub.add_parser("bench", help="training step time of te-llama's finetune configurations vs transformers, "
                            "torch.compile, Liger, torchao", description="Each te-llama row is a finetune configuration: "
-                           "the optimization and speed options below apply to every te-llama row (optimization "
-                           "options to the peers too).")
+                           "the optimization, speed and lora options below apply to every te-llama row (optimization "
+                           "and lora options but --lora-base to the peers too: --lora-rank 16 makes every row LoRA).")
     bench.add_argument("--list", action="store_true", help="print the variant names and exit (-v: with descriptions)")
     bench.add_argument("-v", "--verbose", action="store_true", help="with --list: describe each variant")
     bench.add_argument("--variants", nargs="+", default=None, metavar="NAME",

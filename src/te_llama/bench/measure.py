@@ -27,9 +27,10 @@ from ..model.presets import preset_config
 from ..train.batching import Batch, collate_packed, collate_padded
 from ..train.config import GROUPS, FinetuneConfig
 from ..train.cuda_graphs import StaticShape
+from ..train.lora_run import fp8_base_recipe, peft_model, resolve_lora
 from ..train.setup import prepare_for_training, resolve_runtime
 from ..train.step import build_train_step
-from .variants import VARIANTS, Variant, apply_peer
+from .variants import PEER_LORA_OPTIONS, VARIANTS, Variant, apply_peer
 
 DENSE_BF16_PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4,
                           "A100": 312.0}
@@ -137,7 +138,8 @@ def distinct_options(config: FinetuneConfig) -> str:
 
 def row_config(variant: Variant, settings: BenchSettings) -> FinetuneConfig:
     """The finetune configuration this row runs on the bench's batch shape."""
-    passed = {k: v for k, v in settings.options.items() if variant.ours or k in GROUPS["optimization"]}
+    passed = {k: v for k, v in settings.options.items()
+              if variant.ours or k in GROUPS["optimization"] or k in PEER_LORA_OPTIONS}
     return FinetuneConfig(**({"learning_rate": settings.lr} | variant.config | passed
                              | {"batch_size": settings.batch, "max_seq_len": settings.seq, "seed": settings.seed,
                                 "max_steps": settings.warmup + settings.steps, "tensorboard": False}))
@@ -159,12 +161,18 @@ def build_step(variant: Variant, settings: BenchSettings):
     runtime = resolve_runtime(config)
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")
     torch.manual_seed(settings.seed)
+    hf_config = preset_config(settings.preset)
+    lora = resolve_lora(config, runtime.backend, hf_config)
     with runtime.device:
-        model = AutoModelForCausalLM.from_config(preset_config(settings.preset), dtype=runtime.param_dtype,
-                                                 attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=runtime.param_dtype, attn_implementation="sdpa")
+    peer = variant.peer
     if variant.ours:
-        model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv)
-    model = apply_peer(variant.peer, prepare_for_training(model, config, runtime))
+        model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv, lora=lora,
+                        base_recipe=fp8_base_recipe(config, runtime.precision))
+    elif lora is not None:  # PEFT wraps the model as the peer made it (Liger patches transformers' own modules)
+        model = peft_model(apply_peer(peer, model) if peer == "liger" else model, lora)
+        peer = None if peer == "liger" else peer
+    model = apply_peer(peer, prepare_for_training(model, config, runtime))
     shape = StaticShape(settings.batch * settings.seq, settings.batch, settings.seq) if config.packing else None
     step = build_train_step(config, runtime, model, accelerator, config.max_steps, 1, shape)
     step.capture_graphs()

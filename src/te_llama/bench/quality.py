@@ -4,7 +4,8 @@ Real text every machine has: the Python sources of installed packages. A small L
 its own byte-level BPE) is pretrained with te-llama's own `finetune()` on one package's sources,
 then finetuned once per variant and seed on another package's sources, with a held-out eval split;
 the harder case pretrains the random model from scratch in each variant. A variant qualifies when
-its mean finetune eval loss is within 1% of the base row's.
+its mean finetune eval loss is within 1% of the base row's; a LoRA row (te-llama's LoRA on a BF16 or an
+FP8 base) when within 1% of transformers + PEFT LoRA's, at the same rank, targets, steps and learning rate.
 """
 
 from __future__ import annotations
@@ -49,20 +50,26 @@ class QualitySize:
     pretrain_lr: float
     finetune_lr: float
     eval_every: int
+    lora_lr: float
+    """Every LoRA row's learning rate: adapters starting at zero want a higher one than a full finetune."""
 
 
 SIZES = {
     "tiny": QualitySize("transformers", "torch", 160, 100, 500, 512, 2, 64, 4, 2, 176, 128, 4, 30, 12, 20, 3e-3, 1e-3,
-                        4),
+                        4, 1e-2),
     "small": QualitySize("transformers", "torch", 8000, 3300, 5000, 8192, 12, 1024, 16, 4, 2816, 1024, 16, 500, 150,
-                         300, 1e-3, 1e-4, 30),
+                         300, 1e-3, 1e-4, 30, 1e-3),
 }
 EVAL_FRACTION = 0.1
 QUALIFY_TOLERANCE = 0.01
 BASE, HF = "bf16", "hf"
+LORA_BASE, HF_LORA = "lora-bf16", "hf-lora"
 CLIP, NO_CLIP = {"max_grad_norm": 1.0}, {"max_grad_norm": 0.0}
+LORA = {"lora_rank": 16} | CLIP
+"""Every LoRA row: rank 16 (alpha 32), every decoder linear, clipped at 1.0 (the Trainer's default)."""
 CPU_BASE = {"backend": "reference", "precision": "fp32"}
-"""Without a GPU the base row runs the fp32 reference backend: a stand-in for BF16, said so in the report."""
+"""Without a GPU the base rows (bf16, lora-bf16) run the fp32 reference backend: stand-ins for BF16, said so
+in the report."""
 _TE = ("cuda", "te")
 QUALITY_VARIANTS = {v.name: v for v in [
     Variant(BASE, "the reference: BF16, gradients clipped at 1.0 (the usual finetune recipe); CPU: fp32 reference "
@@ -74,7 +81,16 @@ QUALITY_VARIANTS = {v.name: v for v in [
       for p in ("fp8-block", "fp8-delayed", "fp8-current", "fp8-delayed-fastacc", "fp8-current-fastacc")),
     Variant(HF, "transformers as is: --backend hf --no-packing, clipped at 1.0 (the Trainer's default)",
             {"backend": "hf", "packing": False} | CLIP),
+    Variant(LORA_BASE, "te-llama LoRA (--lora-rank 16) on a frozen BF16 base; CPU: fp32 reference backend",
+            {"precision": "bf16"} | LORA),
+    Variant("lora-fp8", "te-llama LoRA on a frozen FP8 base: --lora-rank 16 --lora-base fp8", {"backend": "te",
+            "lora_base": "fp8"} | LORA, None, _TE),
+    Variant(HF_LORA, "transformers + PEFT LoRA, same rank and targets: --backend hf --no-packing --lora-rank 16",
+            {"backend": "hf", "packing": False} | LORA, None, ("peft",)),
 ]}
+REFERENCE = {LORA_BASE: HF_LORA, "lora-fp8": HF_LORA, HF_LORA: HF_LORA}
+"""The row a variant's verdict compares with (the others': BASE): LoRA rows with transformers + PEFT."""
+CPU_STAND_INS = (BASE, LORA_BASE)
 CASES = ("finetune", "scratch")
 DEFAULT_QUALITY_VARIANTS = tuple(QUALITY_VARIANTS)
 
@@ -140,7 +156,7 @@ def build_model(size: QualitySize, rows: list[str], folder: Path, seed: int = 0)
 
 def variant_options(variant: Variant, options: dict[str, Any]) -> dict[str, Any]:
     """The variant's finetune options over the passed-through ones (speed options: te-llama rows only)."""
-    if variant.name == BASE and not torch.cuda.is_available():
+    if variant.name in CPU_STAND_INS and not torch.cuda.is_available():
         return options | variant.config | CPU_BASE
     if not variant.ours:
         options = {k: v for k, v in options.items() if k not in GROUPS["speed"]}
@@ -178,15 +194,19 @@ def add_ratios(rows: list[dict]) -> list[dict]:
         for key, name in (("ratio_base", BASE), ("ratio_hf", HF)):
             other = ref(name, row["seed"])
             row[key] = row["eval_loss"] / other if row["eval_loss"] is not None and other else None
+    def losses_of(name: str) -> list[float]:
+        return [r["eval_loss"] for r in rows if r["variant"] == name and r["eval_loss"] is not None]
+
     summary = []
     for name in dict.fromkeys(r["variant"] for r in rows):
-        losses = [r["eval_loss"] for r in rows if r["variant"] == name and r["eval_loss"] is not None]
-        base = [r["eval_loss"] for r in rows if r["variant"] == BASE and r["eval_loss"] is not None]
-        hf = [r["eval_loss"] for r in rows if r["variant"] == HF and r["eval_loss"] is not None]
-        m = mean(losses) if losses else None
-        ratio = m / mean(base) if m is not None and base else None
+        losses, base, hf = losses_of(name), losses_of(BASE), losses_of(HF)
+        reference = REFERENCE.get(name, BASE)
+        m, judge = (mean(losses) if losses else None), losses_of(reference)
+        ratio = m / mean(judge) if m is not None and judge else None
         summary.append({"variant": name, "mean_eval_loss": m, "spread": max(losses) - min(losses) if losses else None,
-                        "ratio_base": ratio, "ratio_hf": m / mean(hf) if m is not None and hf else None,
+                        "ratio_base": m / mean(base) if m is not None and base else None,
+                        "ratio_hf": m / mean(hf) if m is not None and hf else None, "reference": reference,
+                        "ratio_reference": ratio,
                         "qualifies": None if ratio is None else abs(ratio - 1) <= QUALIFY_TOLERANCE,
                         "reason": next((r["reason"] for r in rows if r["variant"] == name and r["reason"]), None)})
     return summary
@@ -221,9 +241,12 @@ def run_quality(size_name: str, variants: list[str], seeds: list[int], out_dir: 
     for seed in seeds:
         for case in cases:
             for variant in chosen:
+                lora = "lora_rank" in variant.config
+                if case == "scratch" and lora:
+                    continue  # adapters on a random model: nothing a LoRA finetune is for
                 if case == "finetune":
                     run = {"model": str(out / "pretrain" / "final"), "data": fine_data,
-                           "max_steps": size.finetune_steps, "learning_rate": size.finetune_lr}
+                           "max_steps": size.finetune_steps, "learning_rate": size.lora_lr if lora else size.finetune_lr}
                 else:
                     run = {"model": str(model), "data": pre_data, "max_steps": size.scratch_steps,
                            "learning_rate": size.pretrain_lr}
@@ -271,13 +294,14 @@ def render_quality(report: dict) -> str:
                                                               "pretraining rows)", "scratch_summary")):
         if not report[key]:
             continue
-        lines += ["", f"### {title}", "", "| variant | mean eval loss | spread | / base | / hf | verdict |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", f"### {title}", "", "| variant | mean eval loss | spread | / base | / hf | judged against | "
+                  "verdict |", "|---|---|---|---|---|---|---|"]
         for s in report[key]:
             verdict = (f"not run: {s['reason']}" if s["reason"] else "-") if s["qualifies"] is None else \
-                ("qualifies" if s["qualifies"] else f"does not qualify (> {QUALIFY_TOLERANCE:.0%} off base)")
+                ("qualifies" if s["qualifies"] else f"does not qualify (> {QUALIFY_TOLERANCE:.0%} off {s['reference']})")
             lines.append(f"| {s['variant']} | {_fmt(s['mean_eval_loss'])} | {_fmt(s['spread'])} | "
-                         f"{_fmt(s['ratio_base'])} | {_fmt(s['ratio_hf'])} | {verdict} |")
+                         f"{_fmt(s['ratio_base'])} | {_fmt(s['ratio_hf'])} | {s['reference']} "
+                         f"({_fmt(s['ratio_reference'])}) | {verdict} |")
     return "\n".join(lines) + "\n"
 
 

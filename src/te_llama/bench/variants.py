@@ -18,6 +18,10 @@ from ..precision import FP8_PRECISIONS
 
 TE = {"backend": "te"}
 HF = {"backend": "hf", "packing": False}
+LORA = {"lora_rank": 16}
+"""The LoRA rows: rank 16 (alpha 32), every decoder linear; --lora-rank / --lora-targets ... override it."""
+PEER_LORA_OPTIONS = ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets")
+"""LoRA options that pass through to the peers too (PEFT has them all; an FP8 base is te-llama's)."""
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,15 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
             "fused loss, AdamW overlapping backward, no clipping)", TE, None, ("cuda", "te")),
     Variant("reference", "te-llama's pure-PyTorch reference layers (any device; harness checks)",
             {"backend": "reference"}),
+    Variant("te-lora", "te-llama LoRA (rank 16, every decoder linear) on a frozen BF16 base: --lora-rank 16 "
+            "--precision bf16, CUDA graphs, fused loss, AdamW overlapping backward", TE | LORA | {"precision": "bf16"},
+            None, ("cuda", "te")),
+    Variant("te-lora-fp8", "te-llama LoRA on a frozen FP8 base: --lora-rank 16 --lora-base fp8 (FP8 weights and "
+            "GEMMs, BF16 adapters)", TE | LORA | {"lora_base": "fp8"}, None, ("cuda", "te")),
+    Variant("hf-lora", "transformers + PEFT LoRA (same rank and targets), SDPA: --backend hf --lora-rank 16",
+            HF | LORA, None, ("peft",)),
+    Variant("hf-liger-lora", "transformers + Liger Kernel + PEFT LoRA (same rank and targets)", HF | LORA, "liger",
+            ("cuda", "liger_kernel", "peft")),
 ]}
 DEFAULT_VARIANTS = ("hf", "hf-compile", "hf-liger", "hf-torchao-fp8", "te-eager", "te-bf16", "te-default")
 """The peers, the tutorial's layer swap, te-llama in BF16, and te-llama's default."""
@@ -67,7 +80,10 @@ def unavailable_reason(variant: Variant, options: dict[str, Any] | None = None) 
             return f"Transformer Engine not importable ({te_import_error()})"
         if need not in ("cuda", "te") and importlib.util.find_spec(need) is None:
             return f"{need} not installed"
-    precision = (variant.config | (options or {} if variant.ours else {})).get("precision")
+    config = variant.config | (options or {} if variant.ours else {})
+    precision = config.get("precision")
+    if precision in (None, "auto") and config.get("lora_base") == "fp8":
+        precision = "fp8-current"  # what an FP8 base needs at least (block scaling where the GPU has it)
     if precision in FP8_PRECISIONS:
         from ..precision import check_precision_available
 

@@ -30,7 +30,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from ..errors import CheckpointError, DiskFullError, WeightMappingError
-from .convert import conversion_of, decoder_layers, install_layers, load_layer_weights
+from .convert import conversion_of, decoder_layers, install_layers, load_layer_weights, te_layout_tensors
+from .lora import LORA_PREFIX, LoraSpec, merged_weights
 from .mapping import LAYER_PREFIX, split_layer_key, stream_hf_to_te, te_layer_to_hf
 from .spec import ArchitectureSpec
 
@@ -108,8 +109,12 @@ def _default_device(backend: str) -> torch.device:
 
 
 def from_pretrained(path: str | os.PathLike, backend: str = "reference", torch_dtype: torch.dtype | None = None,
-                    fuse_qkv: bool = False, device: torch.device | str | None = None) -> Any:
-    """Load a local HF checkpoint (single or sharded safetensors) straight into a converted model."""
+                    fuse_qkv: bool = False, device: torch.device | str | None = None, lora: LoraSpec | None = None,
+                    base_recipe: Any = None) -> Any:
+    """Load a local HF checkpoint (single or sharded safetensors) straight into a converted model.
+
+    lora / base_recipe: LoRA layers (new adapters, the rest frozen), their frozen GEMM weights in FP8
+    with that TE recipe (`te_llama.model.convert.install_layers`)."""
     path = Path(path)
     files = checkpoint_files(path)
     config = AutoConfig.from_pretrained(path)
@@ -121,7 +126,7 @@ def from_pretrained(path: str | os.PathLike, backend: str = "reference", torch_d
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    install_layers(model, backend, fuse_qkv, device=device, dtype=dtype)
+    install_layers(model, backend, fuse_qkv, device=device, dtype=dtype, lora=lora, base_recipe=base_recipe)
     layers = decoder_layers(model)
     loaded_layers: set[int] = set()
     for index, tensors in stream_hf_to_te(_read_tensors(files), spec, fuse_qkv):
@@ -164,7 +169,8 @@ def hf_state_dict_by_layer(model: nn.Module, state_dict: dict[str, torch.Tensor]
     """The converted model's weights in HF names, produced one decoder layer at a time.
 
     `state_dict` (a full TE-layout state dict, e.g. gathered from FSDP2 shards) replaces the
-    model's own tensors when given.
+    model's own tensors when given. A LoRA model's weights come merged (W + B A alpha / r, as
+    PEFT's `merge_and_unload`): the model that trained, as one plain checkpoint.
     """
     info = conversion_of(model)
     full = state_dict if state_dict is not None else model.state_dict()
@@ -177,7 +183,11 @@ def hf_state_dict_by_layer(model: nn.Module, state_dict: dict[str, torch.Tensor]
         prefix = f"{LAYER_PREFIX}{index}."
         own = layer.state_dict() if state_dict is None else \
             {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        for local, tensor in te_layer_to_hf(own, info.spec, info.fuse_qkv, where=prefix).items():
+        hf = te_layer_to_hf(te_layout_tensors(layer, own), info.spec, info.fuse_qkv, where=prefix)
+        if info.lora is not None:
+            adapters = {k[len(LORA_PREFIX):]: v for k, v in own.items() if k.startswith(LORA_PREFIX)}
+            hf |= dict(merged_weights(hf, adapters, info.lora.scaling))
+        for local, tensor in hf.items():
             yield prefix + local, tensor
 
 

@@ -32,6 +32,17 @@ HF_FUSED = {
 }
 
 
+SPLIT_MLP_NAMES = {MLP + "fc2_weight": "fc2.weight", MLP + "fc2_bias": "fc2.bias"}
+"""LoRA decoder layers run fc2 as a module of its own (down_proj's adapter reads fc2's input, which TE's
+fused LayerNormMLP keeps inside): the same tensors as TE's TransformerLayer, these two under that
+module's names. Layers say which names they rename (`PARAMETER_RENAMES`); the map stays this one table."""
+
+
+def renamed(tensors: Mapping[str, torch.Tensor], renames: Mapping[str, str]) -> dict[str, torch.Tensor]:
+    """`tensors` with the names in `renames` replaced (TE's TransformerLayer names -> a layer's own)."""
+    return {renames.get(name, name): tensor for name, tensor in tensors.items()}
+
+
 def _direct_map(spec: ArchitectureSpec, fuse_qkv: bool) -> dict[str, str]:
     """HF name -> TE name for tensors that move unchanged (names local to one decoder layer)."""
     table = {

@@ -48,6 +48,9 @@ PREFIX = "step-"
 FORMAT = 2
 """meta.json's "format": 2 = state as data only (1, unrecorded, was a pickle of Python objects)."""
 EXPORT_NAME = "final"
+MERGED_EXPORT_NAME = "final-merged"
+EXPORT_NAMES = (EXPORT_NAME, MERGED_EXPORT_NAME)
+"""The exports of a run: the finetuned model (a PEFT adapter for LoRA), and a LoRA run's merged model."""
 
 
 @dataclass
@@ -232,8 +235,10 @@ def sweep_incomplete(root: Path) -> None:
 
 
 def sweep_interrupted_exports(output_dir: Path) -> None:
-    """Clean up after a killed export of OUTPUT_DIR/final (`te_llama.model.hf_checkpoint.sweep_interrupted_save`)."""
-    sweep_interrupted_save(output_dir / EXPORT_NAME)
+    """Clean up after a killed export of OUTPUT_DIR/final or final-merged
+    (`te_llama.model.hf_checkpoint.sweep_interrupted_save`)."""
+    for name in EXPORT_NAMES:
+        sweep_interrupted_save(output_dir / name)
 
 
 def kept_checkpoint(root: Path) -> str:
@@ -252,12 +257,31 @@ def publish_checkpoint(staging: Path, final: Path, keep_last: int) -> None:
         discard(old)
 
 
+def trainable_state(model: torch.nn.Module) -> dict[str, Any]:
+    """What a LoRA checkpoint keeps of the model: the trainable parameters (the adapters) and TE's
+    `_extra_state` (FP8 scaling history); the frozen base is the model it was loaded from."""
+    trainable = {name for name, param in model.named_parameters() if param.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in trainable or k.endswith(TE_EXTRA_STATE_SUFFIX)}
+
+
+def load_trainable_state(model: torch.nn.Module, state: dict[str, Any], file: Path) -> None:
+    """Load `trainable_state`'s tensors, checking they are exactly this model's (the frozen rest stays)."""
+    expected = trainable_state(model)
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{file}: its trainable weights do not match this model's (missing {missing[:4] or 'none'}, "
+                              f"unexpected {unexpected[:4] or 'none'}); resume with the settings the run started with")
+    model.load_state_dict(state, strict=False)  # only the frozen parameters are left out, checked above
+
+
 def save_checkpoint(root: Path, position: Position, model: torch.nn.Module, optimizer, scheduler,
-                    keep_last: int) -> Path:
+                    keep_last: int, trainable_only: bool = False) -> Path:
+    """trainable_only (LoRA): the adapters and the optimizer state, not the frozen base."""
     name = f"{PREFIX}{position.step:08d}"
     staging = make_staging_dir(root, f".{name}.tmp-")
     with removed_on_failure(staging, f"checkpoint {name}", kept_checkpoint(root)):
-        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        model_state = trainable_state(model) if trainable_only else model.state_dict()
+        state = {"model": model_state, "optimizer": optimizer.state_dict(),
                  "scheduler": scheduler.state_dict(), "rng": rng_states()}
         torch.save(state, staging / STATE_FILE)
         write_meta(staging, position)
@@ -268,14 +292,18 @@ def save_checkpoint(root: Path, position: Position, model: torch.nn.Module, opti
     return root / name
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> Position:
+def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, trainable_only: bool = False
+                    ) -> Position:
     position = read_meta(path)
     state = load_data(path / STATE_FILE)
     if not isinstance(state, dict) or not {"model", "optimizer", "scheduler", "rng"} <= state.keys():
         raise CheckpointError(f"{path / STATE_FILE} is not a te-llama training state (model, optimizer, "
                               "scheduler, rng); resume from another checkpoint or start a new run")
     with extra_state_vetted(state["model"], path / STATE_FILE):
-        model.load_state_dict(state["model"])
+        if trainable_only:
+            load_trainable_state(model, state["model"], path / STATE_FILE)
+        else:
+            model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_states(state["rng"])

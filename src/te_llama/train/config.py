@@ -25,6 +25,13 @@ LongRows = Literal["truncate", "drop", "fail"]
 OnBadRows = Literal["fail", "skip"]
 Schedule = Literal["cosine", "linear", "constant"]
 Parallel = Literal["ddp", "fsdp2"]
+LoraTarget = Literal["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "qkv_proj",
+                     "gate_up_proj"]
+LoraBase = Literal["bf16", "fp8"]
+FP8_BASE_PRECISIONS = ("fp8", "fp8-block", "fp8-current", "fp8-current-fastacc", "mxfp8")
+"""FP8 recipes whose weight scales come from the weights themselves, which a base quantized once at load
+needs (delayed scaling's come from an amax history the frozen weights never build: its scale 1 would
+flush most weights to zero)."""
 
 
 class ConfigError(TeLlamaError, ValueError):
@@ -113,6 +120,25 @@ class FinetuneConfig:
     parallel: Parallel = "ddp"
     """With several processes: "ddp" (replicas, through accelerate) or "fsdp2" (torch FSDP2, sharded;
     needs torchrun/accelerate launch)."""
+    # ---- lora
+    lora_rank: int | None = None
+    """Train LoRA adapters of this rank beside the frozen base weights (PEFT's LoRA; output_dir/final is a
+    PEFT adapter). Unset: a full finetune."""
+    lora_alpha: float | None = None
+    """The adapters' output is scaled by alpha / rank (PEFT's convention); unset = 2 x rank."""
+    lora_dropout: float | None = None
+    """Dropout on the adapters' input (PEFT's lora_dropout), 0 <= p < 1; unset = 0 (or the --lora-adapter's)."""
+    lora_targets: list[LoraTarget] | None = None
+    """HF projections that get adapters; unset = every linear of the decoder layer (q_proj k_proj v_proj o_proj
+    gate_proj up_proj down_proj; Phi-3: qkv_proj o_proj gate_up_proj down_proj)."""
+    lora_base: LoraBase = "bf16"
+    """The frozen base weights: "bf16" (as loaded, in --param-dtype) or "fp8" (TE FP8 weights, FP8 GEMMs, no
+    per-step weight casts; backend te on an FP8 GPU, an FP8 precision whose scales come from the weights)."""
+    lora_adapter: str | None = None
+    """Continue training this PEFT LoRA adapter folder (its rank, alpha and targets; conflicting flags refused)."""
+    merge_lora: bool = False
+    """Also export the model with the adapters merged into its weights: a plain HF checkpoint in
+    output_dir/final-merged."""
     # ---- checkpointing
     output_dir: str = "runs/te-llama"
     """Checkpoints, metrics, plot and the exported HF model (output_dir/final)."""
@@ -146,6 +172,36 @@ class FinetuneConfig:
                 continue
             if math.isnan(value) or (low is not None and value < low) or (high is not None and value > high):
                 raise ConfigError(f"{_option(name)} {value!r} is out of range: {note}")
+        self._check_lora()
+
+    @property
+    def lora(self) -> bool:
+        """LoRA: adapters train beside a frozen base."""
+        return self.lora_rank is not None or self.lora_adapter is not None
+
+    def _check_lora(self) -> None:
+        """LoRA options that cannot work whatever the machine, refused with the fix."""
+        if not self.lora:
+            given = [n for n, unset in (("lora_alpha", None), ("lora_dropout", None), ("lora_targets", None),
+                                        ("lora_base", "bf16"), ("merge_lora", False)) if getattr(self, n) != unset]
+            if given:
+                raise ConfigError(f"{_option(given[0])} is a LoRA option: pass --lora-rank R (or --lora-adapter "
+                                  "PATH) for a LoRA finetune, or leave it out for a full finetune")
+            return
+        if self.lora_base != "fp8":
+            return
+        fix = "; or use --lora-base bf16"
+        if self.backend in ("reference", "hf"):
+            raise ConfigError(f"--lora-base fp8 needs --backend te (Transformer Engine's FP8 weights and GEMMs), not "
+                              f"{self.backend}{fix}")
+        if not self.fuse_qkv:
+            raise ConfigError(f"--lora-base fp8 needs --fuse-qkv: TE cannot split one FP8 weight into separate Q/K/V "
+                              f"parameters{fix}")
+        if self.precision != "auto" and self.precision not in FP8_BASE_PRECISIONS:
+            why = ("delayed scaling takes a weight's scale from an amax history that weights quantized once at load "
+                   "never have" if self.precision.startswith("fp8-delayed") else "the FP8 base runs FP8 GEMMs")
+            raise ConfigError(f"--lora-base fp8 with --precision {self.precision}: {why}; use --precision "
+                              f"{' / '.join(FP8_BASE_PRECISIONS)} (or leave it auto){fix}")
 
 
 GROUPS: dict[str, tuple[str, ...]] = {
@@ -156,6 +212,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
                      "grad_accum", "seed", "max_steps", "epochs", "stop_after_steps"),
     "speed": ("precision", "cuda_graphs", "overlap_optimizer", "fused_loss",
               "activation_checkpointing", "parallel"),
+    "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_base", "lora_adapter", "merge_lora"),
     "checkpointing": ("output_dir", "save_every", "save_every_minutes", "keep_last", "resume", "overwrite"),
     "logging": ("eval_every", "tensorboard"),
 }
@@ -180,6 +237,10 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "save_every": (0, None, "it must be 0 (no step-based checkpoints) or more"),
     "save_every_minutes": (0, None, "it must be 0 (off) or more"),
     "keep_last": (1, None, "it must keep at least 1 checkpoint"),
+    "lora_rank": (1, None, "it must be at least 1, e.g. 16 (leave --lora-rank out for a full finetune)"),
+    "lora_alpha": (1e-12, None, "it must be above 0 (unset: 2 x --lora-rank)"),
+    "lora_dropout": (0, math.nextafter(1.0, 0.0), "it is the probability of dropping an adapter input, from 0 up "
+                                                  "to (not including) 1"),
 }
 """Allowed range (inclusive) of each numeric option, and what to tell the user."""
 
@@ -195,6 +256,9 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
         if type(None) in args:
             return None
         raise ConfigError(f"{_option(name)} needs a value")
+    listed = next((a for a in args if get_origin(a) is list), None)
+    if listed is not None:
+        return _coerce_list(name, value, get_args(get_args(listed)[0]))
     if get_origin(kind) is Literal:
         if value not in args:
             raise ConfigError(f"{_option(name)} {value!r} is not one of: {', '.join(map(str, args))}")
@@ -221,6 +285,20 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     if float(number) != int(number):
         raise ConfigError(f"{_option(name)} {value!r} must be a whole number")
     return int(number)
+
+
+def _coerce_list(name: str, value: Any, choices: tuple[str, ...]) -> list[str]:
+    """A list of names from a YAML list, or a string of names separated by spaces or commas."""
+    if isinstance(value, str):
+        value = value.replace(",", " ").split()
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ConfigError(f"{_option(name)} {value!r} must be a list of: {', '.join(choices)}")
+    for item in value:
+        if item not in choices:
+            raise ConfigError(f"{_option(name)} {item!r} is not one of: {', '.join(choices)}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"{_option(name)} {list(value)!r} names a target twice")
+    return list(value)
 
 
 # The embedded default: tiny model, bundled data, done in well under a minute on a CPU.
@@ -295,4 +373,4 @@ rows. (Runs whose run_config.json does not record it split by their --seed.)"""
 
 # Options that may differ between a run and its resumption without changing its results.
 RESUME_FREE_FIELDS = {"resume", "overwrite", "stop_after_steps", "cache_dir", "tensorboard", "output_dir",
-                      "eval_every", "save_every", "save_every_minutes", "keep_last"}
+                      "eval_every", "save_every", "save_every_minutes", "keep_last", "merge_lora"}

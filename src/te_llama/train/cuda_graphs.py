@@ -158,11 +158,13 @@ class GraphedLayers:
             self._weights_changed = False
         return out
 
-    def track_weight_updates(self, optimizer: torch.optim.Optimizer) -> None:
+    def track_weight_updates(self, optimizer: torch.optim.Optimizer | None) -> None:
         """Cast the FP8 weights only in the first forward after each `optimizer.step()` (gradient
         accumulation: one cast per step, not per micro-batch). Only when nothing else changes the
-        weights between steps."""
-        optimizer.register_step_post_hook(self._note_update)
+        weights between steps. None: the layers' GEMM weights are frozen (LoRA; the adapters are
+        plain torch parameters the graphs read in place): cast once, in the first forward."""
+        if optimizer is not None:
+            optimizer.register_step_post_hook(self._note_update)
         self._tracked_optimizer = True
 
     def _note_update(self, *_: object) -> None:
@@ -198,8 +200,9 @@ def static_layer_calls(model: nn.Module, shape: StaticShape) -> tuple[StaticShap
 
 
 def gemm_weights(layer: nn.Module) -> list[nn.Parameter] | None:
-    """The weights of a TE layer's GEMMs (one parameter per GEMM), or None when one is split
-    into several parameters (separate Q/K/V), which TE cannot accumulate into one buffer."""
+    """The trained weights of a TE layer's GEMMs (one parameter per GEMM), or None when one is split
+    into several parameters (separate Q/K/V), which TE cannot accumulate into one buffer. Frozen
+    ones (a LoRA layer's base) have no gradient to write: none of them is listed."""
     import transformer_engine.pytorch as te
 
     weights = []
@@ -210,7 +213,7 @@ def gemm_weights(layer: nn.Module) -> list[nn.Parameter] | None:
             if len(module.weight_names) != 1:
                 return None
             weights.append(getattr(module, module.weight_names[0]))
-    return weights
+    return [weight for weight in weights if weight.requires_grad]
 
 
 def shared_buffer_sets(weights: list[list[nn.Parameter]], count: int) -> list[list[torch.Tensor]]:

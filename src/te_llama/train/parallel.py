@@ -68,9 +68,25 @@ def shard_fsdp2(model: nn.Module) -> nn.Module:
     return model
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """All ranks take part; rank 0 gets the whole (TE-layout) state dict on the CPU."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
+    """All ranks take part; rank 0 gets the whole (TE-layout) state dict on the CPU (trainable_only: the
+    LoRA adapters alone, without gathering the frozen base)."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                ignore_frozen_params=trainable_only))
+
+
+def _options(trainable_only: bool) -> StateDictOptions | None:
+    """LoRA checkpoints hold the adapters and their optimizer state; the frozen base is left out on save and,
+    checked by `_check_only_frozen_missing`, on load."""
+    return StateDictOptions(ignore_frozen_params=True, strict=False) if trainable_only else None
+
+
+def _check_only_frozen_missing(model: nn.Module, keys: Any, path: Path) -> None:
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    wrong = sorted(set(keys.missing_keys) - frozen) + sorted(keys.unexpected_keys)
+    if wrong:
+        raise CheckpointError(f"{path}: its trainable weights do not match this model's ({wrong[:4]}); resume with "
+                              "the settings the run started with")
 
 
 def grad_norm_value(norm) -> float:
@@ -78,7 +94,7 @@ def grad_norm_value(norm) -> float:
 
 
 def save_sharded_checkpoint(root: Path, position: Position, model: nn.Module, optimizer, scheduler,
-                            keep_last: int) -> Path:
+                            keep_last: int, trainable_only: bool = False) -> Path:
     """Every rank writes its shards into a staging directory; rank 0 renames it when complete."""
     main = dist.get_rank() == 0
     name = f"{PREFIX}{position.step:08d}"
@@ -88,7 +104,7 @@ def save_sharded_checkpoint(root: Path, position: Position, model: nn.Module, op
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
     dist.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
     with removed_on_failure(staging, f"checkpoint {name}", kept):
         try:
             dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(staging))
@@ -111,7 +127,8 @@ def _disk_full_in(exc: CheckpointException) -> OSError | None:
     return None
 
 
-def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) -> Position:
+def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, trainable_only: bool = False
+                            ) -> Position:
     """Every rank reads its shards (re-sharded to this run's process count), as data only."""
     position = read_meta(path)
     trainer = load_data(path / TRAINER_FILE)
@@ -120,7 +137,7 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) 
                               "from another checkpoint or start a new run")
     reader = DataOnlyReader(path)
     reader.read_metadata()  # refused here, by every rank, before DCP reads anything
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
     state = {"model": model_state, "optim": optim_state}
     try:
         dcp.load(state, storage_reader=reader, planner=DataOnlyPlanner(path))
@@ -128,7 +145,10 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler) 
         refused = [f[0] for f in exc.failures.values() if isinstance(f, tuple) and isinstance(f[0], CheckpointError)]
         raise (refused[0] if refused else exc) from exc
     with extra_state_vetted(state["model"], path):
-        set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        keys = set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                              options=_options(trainable_only))
+    if trainable_only:
+        _check_only_frozen_missing(model, keys, path)
     scheduler.load_state_dict(trainer["scheduler"])
     restore_rng_states(trainer["rng"])
     return position

@@ -30,6 +30,7 @@ from .batching import (
     plan_epoch,
 )
 from .checkpoints import (
+    EXPORT_NAME,
     Position,
     checkpoints,
     load_checkpoint,
@@ -58,6 +59,7 @@ from .run_dir import (
     prepare_output_dir,
     resume_command,
 )
+from .lora_run import export_lora, model_config, resolve_lora
 from .setup import check_sequence_length, load_model_and_tokenizer, resolve_runtime
 from .step import Runtime, TrainStep, build_train_step, memory_fixes, resolve_features
 
@@ -184,10 +186,10 @@ class Run:
         config, step = self.config, self.step
         if config.parallel == "fsdp2":  # every rank writes its shards
             save_sharded_checkpoint(self.checkpoints, self.position, step.model, step.optimizer, step.scheduler,
-                                    config.keep_last)
+                                    config.keep_last, trainable_only=config.lora)
         elif self.accelerator.is_main_process:  # data-parallel replicas are identical: one copy is the checkpoint
             save_checkpoint(self.checkpoints, self.position, step.raw_model, step.optimizer, step.scheduler,
-                            config.keep_last)
+                            config.keep_last, trainable_only=config.lora)
         self.accelerator.wait_for_everyone()
 
 
@@ -211,6 +213,7 @@ def start_run(config: FinetuneConfig) -> Run:
     with accelerator.main_process_first():  # a Hub id is downloaded once
         model_path = resolve_model(config.model) if config.model else None
     check_sequence_length(config, model_path)
+    resolve_lora(config, runtime.backend, model_config(model_path))  # a bad LoRA setting, before loading
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config, runtime, model_path)
     resolve_features(config, runtime, model, world, log=False)  # what only the model can rule out, still before writing
@@ -243,7 +246,7 @@ def start_run(config: FinetuneConfig) -> Run:
     if config.resume:
         found = checkpoints(run.checkpoints)[-1]
         load_state = load_sharded_checkpoint if config.parallel == "fsdp2" else load_checkpoint
-        run.position = load_state(found, step.raw_model, step.optimizer, step.scheduler)
+        run.position = load_state(found, step.raw_model, step.optimizer, step.scheduler, trainable_only=config.lora)
         if main:
             _truncate_metrics(run.metrics.path, run.position.step)
         logger.info("resumed from %s (step %d)", found, run.position.step)
@@ -319,12 +322,11 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     run = start_run(config)
     last_loss, eval_loss, speeds = train(run)
     exported = None
-    if run.position.step == run.steps:  # finished: the HF export
-        fsdp = config.parallel == "fsdp2"
-        gathered = full_state_dict(run.step.model) if fsdp else None  # a collective: every rank takes part
+    if run.position.step == run.steps:  # finished: the HF export (LoRA: the PEFT adapter)
+        fsdp, lora = config.parallel == "fsdp2", config.lora and not config.merge_lora
+        gathered = full_state_dict(run.step.model, trainable_only=lora) if fsdp else None  # every rank takes part
         if run.accelerator.is_main_process:
-            exported = export_final(run.step.raw_model, run.tokenizer, run.out / "final", run.runtime.backend,
-                                    gathered)
+            exported = export_final(run, gathered)
     if run.accelerator.is_main_process:
         plot_metrics(run.metrics.path, run.out / "metrics.png")
     run.accelerator.wait_for_everyone()
@@ -333,9 +335,14 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     return FinetuneResult(run.position.step, last_loss, eval_loss, sum(tail) / max(len(tail), 1), run.out, exported)
 
 
-def export_final(model, tokenizer, path: Path, backend: str, state_dict: dict | None = None) -> Path:
-    """The trained model as a plain HF checkpoint with its tokenizer (vanilla transformers / vLLM)."""
-    if backend != "hf":
+def export_final(run: Run, state_dict: dict | None = None) -> Path:
+    """The trained model as a plain HF checkpoint with its tokenizer (vanilla transformers / vLLM); a LoRA
+    run's as a PEFT adapter folder (and, with --merge-lora, merged into output_dir/final-merged)."""
+    model, tokenizer, path = run.step.raw_model, run.tokenizer, run.out / EXPORT_NAME
+    if run.config.lora:
+        lora = resolve_lora(run.config, run.runtime.backend, model.config)
+        return export_lora(model, tokenizer, run.out, run.config, lora, run.runtime.backend, state_dict)
+    if run.runtime.backend != "hf":
         return save_pretrained(model, path, tokenizer=tokenizer, state_dict=state_dict)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

@@ -18,15 +18,16 @@ from pathlib import Path
 
 from ..errors import TeLlamaError
 from ..precision import DEFAULT_FP8
-from .checkpoints import checkpoints, read_meta
+from .checkpoints import MERGED_EXPORT_NAME, checkpoints, read_meta
 from .config import EVAL_SPLIT_SEED, RESUME_FREE_FIELDS, SAVED_EXTRAS, FinetuneConfig, save_config
 
 logger = logging.getLogger(__name__)
 RUN_CONFIG = "run_config.json"
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
+MERGED = MERGED_EXPORT_NAME
 OWN_ENTRIES = (RUN_CONFIG, "data_report.json", "metrics.jsonl", "metrics.png", "tensorboard", CHECKPOINTS,
-               FINAL, f".{FINAL}.tmp-*", f".{FINAL}.old-*")
+               FINAL, f".{FINAL}.tmp-*", f".{FINAL}.old-*", MERGED, f".{MERGED}.tmp-*", f".{MERGED}.old-*")
 """Top-level names (glob patterns) te-llama writes in a run folder."""
 OWN_CHECKPOINT_ENTRIES = ("step-*", ".step-*")
 """Names te-llama writes inside `checkpoints/`."""

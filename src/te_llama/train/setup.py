@@ -11,16 +11,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..availability import te_available
 from ..model.builtin import builtin_model, builtin_tokenizer
 from ..model.convert import convert
 from ..model.hf_checkpoint import from_pretrained
-from ..model.presets import preset_config
+from ..model.lora import LoraSpec
+from ..model.peft_adapter import load_peft_adapter
 from ..precision import FP8_PRECISIONS, auto_precision, check_precision_available
 from .config import ConfigError, FinetuneConfig
 from .data import DataError
+from .lora_run import check_fp8_base, fp8_base_precision, fp8_base_recipe, model_config, peft_model, resolve_lora
 from .step import Runtime
 
 logger = logging.getLogger(__name__)
@@ -31,11 +33,14 @@ def resolve_runtime(config: FinetuneConfig) -> Runtime:
     cuda = torch.cuda.is_available()
     backend = config.backend if config.backend != "auto" else ("te" if cuda and te_available() else "reference")
     precision = config.precision
+    fp8_base = config.lora and config.lora_base == "fp8"
     if precision == "auto":
-        precision, why = auto_precision(cuda, backend, int(os.environ.get("WORLD_SIZE") or 1))
+        precision, why = fp8_base_precision(backend) if fp8_base else \
+            auto_precision(cuda, backend, int(os.environ.get("WORLD_SIZE") or 1))
         logger.info("precision auto: %s (%s)", precision, why)
     if precision in FP8_PRECISIONS and backend != "te":
         raise ConfigError(f"--precision {precision} needs --backend te (FP8 GEMMs are Transformer Engine's)")
+    check_fp8_base(config, backend, precision)
     check_precision_available(precision)
     dtype_name = config.param_dtype if config.param_dtype != "auto" else ("bfloat16" if cuda else "float32")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
@@ -44,8 +49,7 @@ def resolve_runtime(config: FinetuneConfig) -> Runtime:
 
 def check_sequence_length(config: FinetuneConfig, model_path: Path | None) -> None:
     """Refuse --max-seq-len past the positions the model was trained for (read from its config only)."""
-    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=False) if model_path else \
-        preset_config("tiny-llama")
+    hf_config = model_config(model_path)
     limit = getattr(hf_config, "max_position_embeddings", None)
     rope = getattr(hf_config, "rope_parameters", None) or {}
     if rope.get("rope_type") == "dynamic" or not limit or config.max_seq_len <= limit:
@@ -57,12 +61,16 @@ def check_sequence_length(config: FinetuneConfig, model_path: Path | None) -> No
 
 def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime, model_path: Path | None = None
                              ) -> tuple[Any, Any]:
-    """The model (converted unless backend 'hf') and its tokenizer; never runs code from the checkpoint."""
+    """The model (converted unless backend 'hf'; with LoRA adapters when asked) and its tokenizer; never
+    runs code from the checkpoint."""
+    lora = resolve_lora(config, runtime.backend, model_config(model_path))
+    base_recipe = fp8_base_recipe(config, runtime.precision)
     if model_path is None:
         tokenizer = builtin_tokenizer()
         model = builtin_model(tokenizer, dtype=runtime.param_dtype, seed=config.seed).to(runtime.device)
         if runtime.backend != "hf":
-            model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv)
+            model = convert(model, backend=runtime.backend, fuse_qkv=config.fuse_qkv, lora=lora,
+                            base_recipe=base_recipe)
     elif runtime.backend == "hf":  # the baseline: transformers as is (SDPA attention)
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=runtime.param_dtype,
@@ -70,7 +78,9 @@ def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime, model_pat
     else:
         tokenizer = AutoTokenizer.from_pretrained(model_path, trust_remote_code=False)
         model = from_pretrained(model_path, backend=runtime.backend, torch_dtype=runtime.param_dtype,
-                                fuse_qkv=config.fuse_qkv, device=runtime.device)
+                                fuse_qkv=config.fuse_qkv, device=runtime.device, lora=lora, base_recipe=base_recipe)
+    if lora is not None:
+        model = with_adapters(model, config, runtime, lora)
     if tokenizer.pad_token_id is None:
         if tokenizer.eos_token_id is None:
             raise DataError("the tokenizer has neither a pad nor an eos token; set tokenizer.pad_token "
@@ -78,6 +88,20 @@ def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime, model_pat
         tokenizer.pad_token = tokenizer.eos_token
         logger.info("tokenizer has no pad token: using eos %r (pad positions carry no loss)", tokenizer.eos_token)
     return prepare_for_training(model, config, runtime), tokenizer
+
+
+def with_adapters(model: Any, config: FinetuneConfig, runtime: Runtime, lora: LoraSpec) -> Any:
+    """te-llama's LoRA layers loaded from --lora-adapter when given; backend 'hf': PEFT's own."""
+    if runtime.backend == "hf":
+        model = peft_model(model, lora, config.lora_adapter)
+    elif config.lora_adapter:
+        load_peft_adapter(model, config.lora_adapter)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    logger.info("LoRA: rank %d, alpha %g, dropout %g, targets %s, base %s: %s trainable parameters (%.2f%% of %s)",
+                lora.rank, lora.alpha, lora.dropout, " ".join(lora.targets), config.lora_base, f"{trainable:,}",
+                100 * trainable / total, f"{total:,}")
+    return model
 
 
 def prepare_for_training(model: Any, config: FinetuneConfig, runtime: Runtime) -> Any:

@@ -20,7 +20,7 @@ from accelerate import Accelerator
 from transformers import get_scheduler
 
 from ..availability import triton_available
-from ..model.convert import decoder_layers
+from ..model.convert import decoder_layers, release_weight_transposes
 from ..precision import FP8_PRECISIONS, autocast
 from .batching import Batch
 from .config import ConfigError, FinetuneConfig
@@ -133,8 +133,10 @@ def make_optimizer(config: FinetuneConfig, runtime: Runtime, model: Any, feature
 
 def shared_grad_buffers(config: FinetuneConfig, features: Features) -> int:
     """Gradient buffer sets graphed layers share: with the overlapped optimizer, each layer's update
-    consumes its gradients during backward, so two sets serve every layer (fused Q/K/V layout)."""
-    return GRAD_BUFFER_SETS if features.overlap_optimizer and features.cuda_graphs and config.fuse_qkv else 0
+    consumes its gradients during backward, so two sets serve every layer (fused Q/K/V layout). None
+    with LoRA: the layers' GEMM weights are frozen, and the adapters' gradients are small."""
+    return GRAD_BUFFER_SETS if features.overlap_optimizer and features.cuda_graphs and config.fuse_qkv and \
+        not config.lora else 0
 
 
 class TrainStep:
@@ -187,8 +189,9 @@ class TrainStep:
             logger.warning("CUDA graphs off: %s; running eagerly", message)
             self.graph_shape = None
             return
-        if self.runtime.precision in FP8_PRECISIONS:  # FP8 weights cast once per step, not per micro-batch
-            installed_graphs(self.raw_model).track_weight_updates(getattr(self.optimizer, "optimizer", self.optimizer))
+        if self.runtime.precision in FP8_PRECISIONS:  # FP8 weights cast once per step (LoRA: once), not per micro-batch
+            optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
+            installed_graphs(self.raw_model).track_weight_updates(None if self.config.lora else optimizer)
 
     def loss_bytes(self) -> int:
         """What the loss allocates beside the graphs: a chunk of BF16 logits and the lm_head's
@@ -211,6 +214,8 @@ class TrainStep:
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.config.lora_base == "fp8" and self.graph_shape is None:  # graphs keep theirs in their pool
+            release_weight_transposes(self.raw_model)
         return loss_sum / len(micro_batches), grad_norm
 
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
 from ...availability import te_import_error
 from ...errors import BackendUnavailableError
+from ..lora import LoraSpec
 from ..spec import ArchitectureSpec
 from .hf_adapter import HFDecoderAdapter, ModelContext
 
@@ -16,16 +19,33 @@ TOKEN_MULTIPLE = {"reference": 1, "te": 32}
 
 
 def build_decoder_layer(backend: str, spec: ArchitectureSpec, layer_index: int, fuse_qkv: bool,
-                        device: torch.device | str, dtype: torch.dtype, context: ModelContext) -> HFDecoderAdapter:
-    """A new, uninitialized decoder layer for `backend`, on `device` in `dtype`."""
+                        device: torch.device | str, dtype: torch.dtype, context: ModelContext,
+                        lora: LoraSpec | None = None, base_recipe: Any = None) -> HFDecoderAdapter:
+    """A new, uninitialized decoder layer for `backend`, on `device` in `dtype`.
+
+    lora: a LoRA layer (the base's GEMMs and the adapters beside them, `lora_layer.py`).
+    base_recipe: a TE FP8 recipe: the LoRA layer's frozen GEMM weights are stored in FP8 (backend te).
+    """
+    if base_recipe is not None and (lora is None or backend != "te"):
+        raise ValueError("an FP8 base (base_recipe) is for LoRA layers on backend 'te'")
     if backend == "reference":
-        from .reference_decoder import ReferenceDecoderLayer
+        if lora is not None:
+            from .lora_reference import ReferenceLoraDecoderLayer
 
-        layer: nn.Module = ReferenceDecoderLayer(spec, fuse_qkv, device=device, dtype=dtype)
+            layer: nn.Module = ReferenceLoraDecoderLayer(spec, lora, fuse_qkv, device=device, dtype=dtype)
+        else:
+            from .reference_decoder import ReferenceDecoderLayer
+
+            layer = ReferenceDecoderLayer(spec, fuse_qkv, device=device, dtype=dtype)
     elif backend == "te":
-        from .te_decoder import build_te_decoder_layer
+        if lora is not None:
+            from .te_lora import TELoraDecoderLayer
 
-        layer = build_te_decoder_layer(spec, layer_index, fuse_qkv, device=device, dtype=dtype)
+            layer = TELoraDecoderLayer(spec, lora, layer_index, fuse_qkv, device, dtype, base_recipe)
+        else:
+            from .te_decoder import build_te_decoder_layer
+
+            layer = build_te_decoder_layer(spec, layer_index, fuse_qkv, device=device, dtype=dtype)
     else:
         raise ValueError(f"backend={backend!r} is unknown; choose one of {BACKENDS}")
     layer.context = context

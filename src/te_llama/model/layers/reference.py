@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..mapping import te_layer_shapes
+from ..mapping import renamed, te_layer_shapes
 from ..spec import ArchitectureSpec
 
 
@@ -36,6 +36,47 @@ def gated_activation(fc1_out: torch.Tensor, kind: str) -> torch.Tensor:
     if kind == "geglu_tanh":
         return F.gelu(gate, approximate="tanh") * up
     raise ValueError(f"activation={kind!r} is unknown")
+
+
+def split_qkv(mixed: torch.Tensor, spec: ArchitectureSpec, interleaved: bool
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A QKV GEMM's output (t, q + 2 kv) -> q (t, nh, d), k and v (t, ng, d).
+
+    interleaved: TE's fused layout (per KV group, its query heads, then its key, then its value);
+    else [q | k | v] (TE's separate Q/K/V parameters, one GEMM over their concatenation)."""
+    if interleaved:
+        mixed = mixed.view(-1, spec.num_kv_heads, spec.heads_per_group + 2, spec.head_dim)
+        q, k, v = mixed.split([spec.heads_per_group, 1, 1], dim=2)
+    else:
+        q, k, v = mixed.split([spec.q_size, spec.kv_size, spec.kv_size], dim=-1)
+    return (q.reshape(-1, spec.num_heads, spec.head_dim), k.reshape(-1, spec.num_kv_heads, spec.head_dim),
+            v.reshape(-1, spec.num_kv_heads, spec.head_dim))
+
+
+def qkv_projection(p: nn.Module, x: torch.Tensor, spec: ArchitectureSpec, fuse_qkv: bool
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RMSNorm + Q/K/V of `p` (a `layernorm_qkv`'s parameters): q (t, nh, d), k, v (t, ng, d), normed (t, h)."""
+    normed = rms_norm(x, p.layer_norm_weight, spec.rms_norm_eps, spec.norm_zero_centered)  # (t, h)
+    if fuse_qkv:
+        return (*split_qkv(F.linear(normed, p.weight, getattr(p, "bias", None)), spec, interleaved=True), normed)
+    q = F.linear(normed, p.query_weight, getattr(p, "query_bias", None))
+    k = F.linear(normed, p.key_weight, getattr(p, "key_bias", None))
+    v = F.linear(normed, p.value_weight, getattr(p, "value_bias", None))
+    return (q.view(-1, spec.num_heads, spec.head_dim), k.view(-1, spec.num_kv_heads, spec.head_dim),
+            v.view(-1, spec.num_kv_heads, spec.head_dim), normed)
+
+
+def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                       heads_per_group: int) -> torch.Tensor:
+    """Causal attention inside each document; q (t, nh, d), k/v (t, ng, d) -> (t, nh * d)."""
+    k, v = k.repeat_interleave(heads_per_group, dim=1), v.repeat_interleave(heads_per_group, dim=1)  # (t, nh, d)
+    out = torch.empty_like(q)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        if end > start:
+            doc = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (nh, s, d)
+            out[start:end] = F.scaled_dot_product_attention(*doc, is_causal=True).transpose(0, 1)
+    return out.reshape(q.shape[0], -1)
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -71,52 +112,32 @@ def _add_parameters(root: nn.Module, shapes: dict[str, tuple[int, ...]], device,
 class ReferenceTransformerLayer(nn.Module):
     """TE TransformerLayer's parameters and forward (THD, padding_causal) in plain PyTorch."""
 
+    PARAMETER_RENAMES: dict[str, str] = {}
+    """TE TransformerLayer names this layer keeps under other names (te_llama.model.mapping.SPLIT_MLP_NAMES)."""
+
     def __init__(self, spec: ArchitectureSpec, fuse_qkv: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.spec, self.fuse_qkv = spec, fuse_qkv
-        _add_parameters(self, te_layer_shapes(spec, fuse_qkv), device, dtype)
+        _add_parameters(self, renamed(te_layer_shapes(spec, fuse_qkv), self.PARAMETER_RENAMES), device, dtype)
 
-    def _qkv_projection(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        spec, p = self.spec, self.self_attention.layernorm_qkv
-        normed = rms_norm(x, p.layer_norm_weight, spec.rms_norm_eps, spec.norm_zero_centered)  # (t, h)
-        if self.fuse_qkv:
-            mixed = F.linear(normed, p.weight, getattr(p, "bias", None))  # (t, g * (r + 2) * d)
-            mixed = mixed.view(-1, spec.num_kv_heads, spec.heads_per_group + 2, spec.head_dim)
-            q, k, v = mixed.split([spec.heads_per_group, 1, 1], dim=2)
-            return (q.reshape(-1, spec.num_heads, spec.head_dim),
-                    k.reshape(-1, spec.num_kv_heads, spec.head_dim),
-                    v.reshape(-1, spec.num_kv_heads, spec.head_dim))
-        q = F.linear(normed, p.query_weight, getattr(p, "query_bias", None))
-        k = F.linear(normed, p.key_weight, getattr(p, "key_bias", None))
-        v = F.linear(normed, p.value_weight, getattr(p, "value_bias", None))
-        return (q.view(-1, spec.num_heads, spec.head_dim), k.view(-1, spec.num_kv_heads, spec.head_dim),
-                v.view(-1, spec.num_kv_heads, spec.head_dim))
-
-    def _attention(self, q, k, v, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """Causal attention inside each document; q (t, nh, d), k/v (t, ng, d) -> (t, nh * d)."""
-        r = self.spec.heads_per_group
-        k, v = k.repeat_interleave(r, dim=1), v.repeat_interleave(r, dim=1)  # (t, nh, d)
-        out = torch.empty_like(q)
-        bounds = cu_seqlens.tolist()
-        for start, end in zip(bounds[:-1], bounds[1:]):
-            if end > start:
-                doc = [t[start:end].transpose(0, 1) for t in (q, k, v)]  # (nh, s, d)
-                out[start:end] = F.scaled_dot_product_attention(*doc, is_causal=True).transpose(0, 1)
-        return out.reshape(q.shape[0], -1)
+    def qk_norm_and_rope(self, q: torch.Tensor, k: torch.Tensor, rotary_pos_emb: torch.Tensor,
+                         cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head q/k RMSNorm (Qwen3; TE's are never zero-centered), then RoPE restarting per document."""
+        spec = self.spec
+        if spec.qk_norm:
+            q = rms_norm(q, self.self_attention.q_norm.weight, spec.rms_norm_eps)
+            k = rms_norm(k, self.self_attention.k_norm.weight, spec.rms_norm_eps)
+        angles = rotary_pos_emb[positions_in_documents(cu_seqlens, q.shape[0]), 0, 0]  # (t, d)
+        return apply_rotary(q, angles), apply_rotary(k, angles)
 
     def forward(self, hidden_states: torch.Tensor, *, rotary_pos_emb: torch.Tensor,
                 cu_seqlens_q: torch.Tensor, **_: object) -> torch.Tensor:
         """hidden_states (t, h) packed tokens; rotary_pos_emb (s_max, 1, 1, d) angles."""
         spec = self.spec
-        q, k, v = self._qkv_projection(hidden_states)
-        if spec.qk_norm:  # per head, over head_dim; TE's q/k norms are never zero-centered
-            attention = self.self_attention
-            q = rms_norm(q, attention.q_norm.weight, spec.rms_norm_eps)
-            k = rms_norm(k, attention.k_norm.weight, spec.rms_norm_eps)
-        angles = rotary_pos_emb[positions_in_documents(cu_seqlens_q, hidden_states.shape[0]), 0, 0]  # (t, d)
-        q, k = apply_rotary(q, angles), apply_rotary(k, angles)
-        attn = self._attention(q, k, v, cu_seqlens_q)
+        q, k, v, _normed = qkv_projection(self.self_attention.layernorm_qkv, hidden_states, spec, self.fuse_qkv)
+        q, k = self.qk_norm_and_rope(q, k, rotary_pos_emb, cu_seqlens_q)
+        attn = document_attention(q, k, v, cu_seqlens_q, spec.heads_per_group)
         proj = self.self_attention.proj
         hidden = hidden_states + F.linear(attn, proj.weight, getattr(proj, "bias", None))
 

@@ -18,18 +18,26 @@ MAX_TE_HEAD_DIM = 128
 TE_ACTIVATIONS = {"swiglu": "swiglu", "geglu_tanh": "geglu"}
 
 
-class TEDecoderLayer(HFDecoderAdapter, te.TransformerLayer):
+class FP8Switch(HFDecoderAdapter):
+    """A TE decoder layer that can run in BF16 inside an FP8 autocast."""
+
+
+class TEDecoderLayer(FP8Switch, te.TransformerLayer):
     """`te.TransformerLayer` called the way transformers calls a `LlamaDecoderLayer`."""
 
 
-def build_te_decoder_layer(spec: ArchitectureSpec, layer_index: int, fuse_qkv: bool,
-                           device: torch.device | str, dtype: torch.dtype) -> TEDecoderLayer:
-    """Everything from the spec, through TE's constructor arguments; no patching."""
+def check_te_head_dim(spec: ArchitectureSpec) -> None:
     if spec.head_dim > MAX_TE_HEAD_DIM:
         raise UnsupportedArchitectureError(
             f"head_dim={spec.head_dim} > {MAX_TE_HEAD_DIM} is not supported by backend='te': TE's fused "
             "attention computes wrong gradients for packed sequences at that size; use backend='reference'"
         )
+
+
+def build_te_decoder_layer(spec: ArchitectureSpec, layer_index: int, fuse_qkv: bool,
+                           device: torch.device | str, dtype: torch.dtype) -> TEDecoderLayer:
+    """Everything from the spec, through TE's constructor arguments; no patching."""
+    check_te_head_dim(spec)
     return TEDecoderLayer(
         hidden_size=spec.hidden_size,
         ffn_hidden_size=spec.intermediate_size,
