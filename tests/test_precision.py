@@ -58,9 +58,13 @@ def test_auto_precision_is_the_qualified_fp8_recipe_only_on_one_fp8_gpu(monkeypa
     monkeypatch.setitem(sys.modules, "transformer_engine", types.ModuleType("transformer_engine"))
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", probe)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "GPU")
+    monkeypatch.setattr(te_llama.precision, "te_import_error", lambda: None)  # the fake TE above imports
     assert auto_precision(cuda=True, backend="te")[0] == want
     assert auto_precision(cuda=True, backend="te", processes=2) == ("bf16", "several processes (FP8 is chosen with "
                                                                             "--precision)")
     assert auto_precision(cuda=True, backend="hf")[0] == "bf16"
     assert auto_precision(cuda=False, backend="reference") == ("fp32", "no GPU")
     assert AUTO_FP8 in PRECISIONS
+    monkeypatch.setattr(te_llama.precision, "te_import_error", lambda: "No module named 'transformer_engine'")
+    assert auto_precision(cuda=True, backend="te") == (
+        "bf16", "Transformer Engine not importable (No module named 'transformer_engine')")
