@@ -112,3 +112,12 @@ def pytest_sessionfinish(session, exitstatus) -> None:
         with open(path, "a") as handle:
             for row in _METRICS:
                 handle.write(json.dumps(row) + "\n")
+
+
+def padding_mask(side: str, pads: list[int], seq: int) -> torch.Tensor:
+    """An attention mask with `pads[row]` pad positions on the `side` of each row."""
+    mask = torch.ones(len(pads), seq, dtype=torch.long)
+    for row, pad in enumerate(pads):
+        if pad:
+            mask[row, slice(0, pad) if side == "left" else slice(seq - pad, seq)] = 0
+    return mask

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import float64_oracle, next_token_loss, random_hf_model
+from conftest import float64_oracle, next_token_loss, padding_mask, random_hf_model
 from tolerances import assert_as_accurate_as
 
 import te_llama
@@ -70,20 +70,12 @@ def test_lora_logits_and_adapter_grads_match_peft(arch: str, fuse_qkv: bool) -> 
     assert not frozen, f"the base must not train: {frozen}"
 
 
-def _padding_mask(side: str, pads: list[int], seq: int) -> torch.Tensor:
-    mask = torch.ones(len(pads), seq, dtype=torch.long)
-    for row, pad in enumerate(pads):
-        if pad:
-            mask[row, slice(0, pad) if side == "left" else slice(seq - pad, seq)] = 0
-    return mask
-
-
 @pytest.mark.parametrize("side", ["left", "right"])
 @pytest.mark.parametrize("arch", ["llama3.1-gqa-llama3-rope", "qwen2-qkv-bias-tied", "phi3-odd-gqa-tied"])
 def test_lora_padded_batch_matches_peft(arch: str, side: str) -> None:
     ours, reference, _ = lora_models(arch, fuse_qkv=True)
     ids = torch.randint(0, ours.config.vocab_size, (3, 20), generator=torch.Generator().manual_seed(2))
-    mask = _padding_mask(side, [0, 5, 11], 20)
+    mask = padding_mask(side, [0, 5, 11], 20)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     with torch.no_grad():
         want = reference(ids, attention_mask=mask, position_ids=positions).logits

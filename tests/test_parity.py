@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import float64_oracle, next_token_loss, random_hf_model
+from conftest import float64_oracle, next_token_loss, padding_mask, random_hf_model
 from tolerances import assert_as_accurate_as
 
 import te_llama
@@ -55,14 +55,6 @@ def test_logits_and_grads_match_hf(arch: str, fuse_qkv: bool) -> None:
     for name, exact_grad in exact.items():
         assert_as_accurate_as(got[name], want[name], exact_grad, error_multiple=ERROR_MULTIPLE,
                               floor_ulps=FLOOR_ULPS, name=name)
-
-
-def padding_mask(side: str, pads: list[int], seq: int) -> torch.Tensor:
-    mask = torch.ones(len(pads), seq, dtype=torch.long)
-    for row, pad in enumerate(pads):
-        if pad:
-            mask[row, slice(0, pad) if side == "left" else slice(seq - pad, seq)] = 0
-    return mask
 
 
 @pytest.mark.parametrize("positions", ["from-mask", "hf-default"])
