@@ -83,6 +83,7 @@ def test_flop_count_matches_the_model_parameters(preset: str) -> None:
                                                config.hidden_size // config.num_attention_heads)
     attention = 6 * config.num_hidden_layers * 256 * head_width
     assert flops_per_token(config, 256) == 6 * matmul + attention
+    assert flops_per_token(config, 256, adapter_params=1000) == 4 * matmul + 6 * 1000 + attention  # frozen base
 
 
 def test_sample_data_batches_are_the_bundled_text_and_train() -> None:

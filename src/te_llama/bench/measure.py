@@ -84,15 +84,17 @@ class BenchResult:
     """Every step's loss, warm-up steps included (the loss curve)."""
 
 
-def flops_per_token(config, seq: int) -> float:
+def flops_per_token(config, seq: int, adapter_params: int = 0) -> float:
     """Training FLOPs per token: 6 x matmul params (embeddings excluded, lm_head included)
-    plus causal attention, 6 x layers x seq x (heads x head_dim) (QK^T and AV, fwd + 2x bwd, half masked)."""
+    plus causal attention, 6 x layers x seq x (heads x head_dim) (QK^T and AV, fwd + 2x bwd, half masked).
+    LoRA (`adapter_params` > 0): the frozen base's GEMMs have no weight gradient (4 x instead of 6 x),
+    the adapters 6 x theirs."""
     h, layers = config.hidden_size, config.num_hidden_layers
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q, kv = config.num_attention_heads * head_dim, config.num_key_value_heads * head_dim
     per_layer = h * (q + 2 * kv) + q * h + 3 * h * config.intermediate_size
     matmul_params = layers * per_layer + h * config.vocab_size
-    return 6 * matmul_params + 6 * layers * seq * q
+    return (4 if adapter_params else 6) * matmul_params + 6 * adapter_params + 6 * layers * seq * q
 
 
 def token_batches(settings: BenchSettings, vocab: int, device) -> list[torch.Tensor]:
@@ -217,7 +219,8 @@ def measure(variant_name: str, settings: BenchSettings) -> BenchResult:
     ordered = sorted(times)
     median = ordered[len(ordered) // 2]
     tokens_per_s = settings.batch * settings.seq / (median / 1000)
-    tflops = tokens_per_s * flops_per_token(config, settings.seq) / 1e12
+    adapters = sum(p.numel() for p in step.raw_model.parameters() if p.requires_grad) if step.config.lora else 0
+    tflops = tokens_per_s * flops_per_token(config, settings.seq, adapters) / 1e12
     peak = peak_tflops(runtime.device)
     curve = [float(loss) for loss in losses]
     return BenchResult(

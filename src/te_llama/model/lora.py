@@ -114,7 +114,8 @@ def input_sizes(spec: ArchitectureSpec) -> dict[str, int]:
 
 
 class LoraLinear(nn.Module):
-    """PEFT's pair for one projection: `lora_A` (r, in) initialized as nn.Linear is, `lora_B` (out, r) zero."""
+    """PEFT's pair for one projection: `lora_A` (r, in) initialized as nn.Linear is, `lora_B` (out, r) zero.
+    `LoraAdapters` computes with their weights; this module only holds them under PEFT's names."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, device: torch.device | str | None) -> None:
         super().__init__()
@@ -123,38 +124,70 @@ class LoraLinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's init_lora_weights=True
         nn.init.zeros_(self.lora_B.weight)  # so a new adapter changes nothing
 
-    def forward(self, x: torch.Tensor, scaling: float, dropout: float) -> torch.Tensor:
-        """x (t, in) -> (t, out), in x's dtype (autocast, when on, chooses the GEMMs' dtype as for the base)."""
-        if dropout and self.training:
-            x = F.dropout(x, dropout, training=True)
-        low = F.linear(x, self.lora_A.weight.to(x.dtype))  # (t, r)
-        return F.linear(low, self.lora_B.weight.to(low.dtype)) * scaling
+
+SITE_OUTPUTS = {"attention_in": ("q", "k", "v"), "attention_out": ("o",), "mlp_in": ("gate", "up"),
+                "mlp_hidden": ("down",)}
+"""The base outputs each input site feeds, in the order of te-llama's fused GEMMs ([q | k | v] before
+TE's per-group interleaving, [gate | up] as fc1)."""
 
 
 class LoraAdapters(nn.ModuleDict):
-    """One decoder layer's adapters, keyed by HF projection name; `deltas(site, x)` gives what they add."""
+    """One decoder layer's adapters, keyed by HF projection name; `add_to(site, base, x)` applies them.
 
-    def __init__(self, spec: ArchitectureSpec, lora: LoraSpec, device: torch.device | str | None = None) -> None:
+    The adapters reading one input (q/k/v; gate/up) run as two GEMMs, whatever their number: x times
+    their stacked A matrices, then that (t, n r) times their B matrices laid out block-diagonally
+    in the fused output's order, accumulated onto the base GEMM's output (`addmm`). Per adapter and
+    separately added (PEFT's way) the (t, out) deltas would be written, read and scaled once each
+    per projection: as much memory traffic as the fused GEMM output itself, several times over."""
+
+    def __init__(self, spec: ArchitectureSpec, lora: LoraSpec, device: torch.device | str | None = None,
+                 interleaved_qkv: bool = False) -> None:
         outs, ins = output_sizes(spec), input_sizes(spec)
         super().__init__({t: LoraLinear(ins[TARGETS[t].site], sum(outs[o] for o in TARGETS[t].outputs), lora.rank,
                                         device) for t in lora.targets})
         self.lora, self._sizes = lora, outs
+        self.register_buffer("qkv_order", qkv_row_order(spec, device) if interleaved_qkv else None, persistent=False)
 
-    def deltas(self, site: str, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        """What the adapters reading `x` (at `site`) add to each base output ("q", "gate", ...)."""
-        found: dict[str, torch.Tensor] = {}
-        for name, adapter in self.items():
-            target = TARGETS[name]
-            if target.site != site:
-                continue
-            delta = adapter(x, self.lora.scaling, self.lora.dropout)
-            found |= dict(zip(target.outputs, delta.split([self._sizes[o] for o in target.outputs], dim=-1)))
-        return found
+    def _at(self, site: str) -> list[tuple[Target, LoraLinear]]:
+        """The adapters reading `site`'s input, in the order of their outputs in the fused GEMM."""
+        order = SITE_OUTPUTS[site]
+        found = [(TARGETS[n], a) for n, a in self.items() if TARGETS[n].site == site]
+        return sorted(found, key=lambda ta: order.index(ta[0].outputs[0]))
+
+    def add_to(self, site: str, base: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """`base` (t, out) plus what the adapters reading `x` (t, in) at `site` add to it, in base's dtype.
+        Each adapter's own dropout mask (PEFT's) when dropout is on and training."""
+        adapters = self._at(site)
+        if not adapters:
+            return base
+        if self.lora.dropout and self.training:
+            low = torch.cat([F.linear(F.dropout(x, self.lora.dropout, training=True), a.lora_A.weight.to(x.dtype))
+                             for _, a in adapters], dim=-1)
+        else:
+            low = F.linear(x, torch.cat([a.lora_A.weight for _, a in adapters]).to(x.dtype))  # (t, n r)
+        return torch.addmm(base, (low * self.lora.scaling).to(base.dtype), self._stacked_b(site, adapters).t())
+
+    def _stacked_b(self, site: str, adapters: list[tuple[Target, LoraLinear]]) -> torch.Tensor:
+        """The B matrices block-diagonally, (fused out, n r), rows in the fused GEMM's order; zero rows
+        for outputs no adapter targets."""
+        device = adapters[0][1].lora_B.weight.device
+        by_first = {target.outputs[0]: a.lora_B.weight for target, a in adapters}  # Phi-3's cover several
+        covered = {o for target, _ in adapters for o in target.outputs}
+        blocks = [by_first[o] if o in by_first else torch.zeros(self._sizes[o], 0, dtype=ADAPTER_DTYPE, device=device)
+                  for o in SITE_OUTPUTS[site] if o in by_first or o not in covered]
+        stacked = torch.block_diag(*blocks)
+        if site == "attention_in" and self.qkv_order is not None:
+            stacked = stacked.index_select(0, self.qkv_order)
+        return stacked
 
 
-def plus(base: torch.Tensor, delta: torch.Tensor | None) -> torch.Tensor:
-    """`base + delta` in base's dtype (PEFT adds the adapter's output, then casts back)."""
-    return base if delta is None else base + delta.to(base.dtype)
+def qkv_row_order(spec: ArchitectureSpec, device: torch.device | str | None) -> torch.Tensor:
+    """For each row of TE's interleaved fused QKV output (per KV group: its query heads, its key, its
+    value), the row of [q | k | v] it holds."""
+    rows = torch.arange(spec.q_size + 2 * spec.kv_size, device=device)
+    q, k, v = rows.split([spec.q_size, spec.kv_size, spec.kv_size])
+    groups = spec.num_kv_heads
+    return torch.cat([q.view(groups, -1), k.view(groups, -1), v.view(groups, -1)], dim=1).flatten()
 
 
 def is_adapter(name: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..lora import LoraAdapters, LoraSpec
+from ..lora import LoraAdapters, LoraSpec, freeze_base
 from ..mapping import SPLIT_MLP_NAMES
 from ..spec import ArchitectureSpec
 from .hf_adapter import HFDecoderAdapter
@@ -25,7 +25,8 @@ class ReferenceLoraLayer(LoraForward, ReferenceTransformerLayer):
     def __init__(self, spec: ArchitectureSpec, lora: LoraSpec, fuse_qkv: bool = False,
                  device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(spec, fuse_qkv, device=device, dtype=dtype)
-        self.lora = LoraAdapters(spec, lora, device)
+        self.lora = LoraAdapters(spec, lora, device, interleaved_qkv=fuse_qkv)
+        freeze_base(self)  # a LoRA layer's base never trains (an FP8 one cannot)
 
     def project_qkv(self, x):
         return qkv_projection(self.self_attention.layernorm_qkv, x, self.spec, self.fuse_qkv)

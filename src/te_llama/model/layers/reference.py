@@ -54,16 +54,15 @@ def split_qkv(mixed: torch.Tensor, spec: ArchitectureSpec, interleaved: bool
 
 
 def qkv_projection(p: nn.Module, x: torch.Tensor, spec: ArchitectureSpec, fuse_qkv: bool
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """RMSNorm + Q/K/V of `p` (a `layernorm_qkv`'s parameters): q (t, nh, d), k, v (t, ng, d), normed (t, h)."""
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """RMSNorm + Q/K/V of `p` (a `layernorm_qkv`'s parameters) in one GEMM, as TE runs it:
+    (t, q + 2 kv) in TE's layout for `fuse_qkv` (`split_qkv`), and normed (t, h)."""
     normed = rms_norm(x, p.layer_norm_weight, spec.rms_norm_eps, spec.norm_zero_centered)  # (t, h)
     if fuse_qkv:
-        return (*split_qkv(F.linear(normed, p.weight, getattr(p, "bias", None)), spec, interleaved=True), normed)
-    q = F.linear(normed, p.query_weight, getattr(p, "query_bias", None))
-    k = F.linear(normed, p.key_weight, getattr(p, "key_bias", None))
-    v = F.linear(normed, p.value_weight, getattr(p, "value_bias", None))
-    return (q.view(-1, spec.num_heads, spec.head_dim), k.view(-1, spec.num_kv_heads, spec.head_dim),
-            v.view(-1, spec.num_kv_heads, spec.head_dim), normed)
+        return F.linear(normed, p.weight, getattr(p, "bias", None)), normed
+    weight = torch.cat([p.query_weight, p.key_weight, p.value_weight])  # TE's separate Q/K/V parameters
+    bias = torch.cat([p.query_bias, p.key_bias, p.value_bias]) if hasattr(p, "query_bias") else None
+    return F.linear(normed, weight, bias), normed
 
 
 def document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -135,7 +134,8 @@ class ReferenceTransformerLayer(nn.Module):
                 cu_seqlens_q: torch.Tensor, **_: object) -> torch.Tensor:
         """hidden_states (t, h) packed tokens; rotary_pos_emb (s_max, 1, 1, d) angles."""
         spec = self.spec
-        q, k, v, _normed = qkv_projection(self.self_attention.layernorm_qkv, hidden_states, spec, self.fuse_qkv)
+        mixed, _normed = qkv_projection(self.self_attention.layernorm_qkv, hidden_states, spec, self.fuse_qkv)
+        q, k, v = split_qkv(mixed, spec, interleaved=self.fuse_qkv)
         q, k = self.qk_norm_and_rope(q, k, rotary_pos_emb, cu_seqlens_q)
         attn = document_attention(q, k, v, cu_seqlens_q, spec.heads_per_group)
         proj = self.self_attention.proj

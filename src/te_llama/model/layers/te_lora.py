@@ -27,11 +27,10 @@ import transformer_engine.pytorch as te
 from torch import nn
 from transformer_engine.pytorch.attention.rope import apply_rotary_pos_emb
 
-from ..lora import LoraAdapters, LoraSpec
+from ..lora import LoraAdapters, LoraSpec, freeze_base
 from ..mapping import SPLIT_MLP_NAMES
 from ..spec import ArchitectureSpec
 from .lora_layer import LoraForward
-from .reference import split_qkv
 from .te_decoder import FP8Switch, check_te_head_dim
 
 TE_GATED_UNITS = {"swiglu": te.ops.SwiGLU, "geglu_tanh": te.ops.GEGLU}
@@ -73,7 +72,8 @@ class TELoraLayer(LoraForward, nn.Module):
             spec.num_heads, spec.head_dim, num_gqa_groups=spec.num_kv_heads, attention_dropout=0.0,
             qkv_format="thd", attn_mask_type="padding_causal", layer_number=layer_index + 1)
         self.activation = TE_GATED_UNITS[spec.activation]()
-        self.lora = LoraAdapters(spec, lora, device)
+        self.lora = LoraAdapters(spec, lora, device, interleaved_qkv=fuse_qkv)
+        freeze_base(self)  # a LoRA layer's base never trains (an FP8 one cannot)
 
     def gemm_modules(self) -> tuple[nn.Module, ...]:
         return self.self_attention.layernorm_qkv, self.self_attention.proj, self.layernorm_mlp, self.fc2
@@ -90,8 +90,7 @@ class TELoraLayer(LoraForward, nn.Module):
                     weight.update_usage(rowwise_usage=True, columnwise_usage=False)
 
     def project_qkv(self, x):
-        mixed, normed = self.self_attention.layernorm_qkv(x)  # (t, q + 2 kv), (t, h)
-        return (*split_qkv(mixed, self.spec, interleaved=self.fuse_qkv), normed)
+        return self.self_attention.layernorm_qkv(x)  # (t, q + 2 kv), (t, h)
 
     def qk_norm_and_rope(self, q, k, rotary_pos_emb, cu_seqlens):
         if self.spec.qk_norm:  # before RoPE, as TE's qk_norm_before_rope=True
