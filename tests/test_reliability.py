@@ -51,6 +51,7 @@ def train_losses(output_dir) -> dict[int, float]:
     ("--max-seq-len", "0", "--max-seq-len (max_seq_len) 0 is out of range"),
     ("--learning-rate", "0", "--learning-rate (learning_rate) 0.0 is out of range: it must be above 0"),
     ("--keep-last", "0", "--keep-last (keep_last) 0 is out of range"),
+    ("--max-memory", "0.5", "--max-memory (max_memory) 0.5 is out of range: it is the GiB this run may use"),
 ])
 def test_out_of_range_flags_are_refused_before_any_work(tmp_path, capsys, flag, value, message) -> None:
     assert cli(tmp_path, flag, value) == 2

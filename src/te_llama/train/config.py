@@ -117,6 +117,9 @@ class FinetuneConfig:
     Unset (auto): backends te/reference in one process; explicit where it cannot is refused."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward: less memory, about a third more compute."""
+    max_memory: float | None = None
+    """GiB of GPU memory this run may use (torch's per-process limit), e.g. 75 to check on a larger GPU
+    that a run fits an 80 GB one; unset: the whole GPU."""
     parallel: Parallel = "ddp"
     """With several processes: "ddp" (replicas, through accelerate) or "fsdp2" (torch FSDP2, sharded;
     needs torchrun/accelerate launch)."""
@@ -211,7 +214,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "optimization": ("learning_rate", "weight_decay", "warmup_ratio", "schedule", "max_grad_norm", "batch_size",
                      "grad_accum", "seed", "max_steps", "epochs", "stop_after_steps"),
     "speed": ("precision", "cuda_graphs", "overlap_optimizer", "fused_loss",
-              "activation_checkpointing", "parallel"),
+              "activation_checkpointing", "max_memory", "parallel"),
     "lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "lora_base", "lora_adapter", "merge_lora"),
     "checkpointing": ("output_dir", "save_every", "save_every_minutes", "keep_last", "resume", "overwrite"),
     "logging": ("eval_every", "tensorboard"),
@@ -237,6 +240,7 @@ RANGES: dict[str, tuple[float | None, float | None, str]] = {
     "save_every": (0, None, "it must be 0 (no step-based checkpoints) or more"),
     "save_every_minutes": (0, None, "it must be 0 (off) or more"),
     "keep_last": (1, None, "it must keep at least 1 checkpoint"),
+    "max_memory": (1, None, "it is the GiB this run may use on the GPU, e.g. 75"),
     "lora_rank": (1, None, "it must be at least 1, e.g. 16 (leave --lora-rank out for a full finetune)"),
     "lora_alpha": (1e-12, None, "it must be above 0 (unset: 2 x --lora-rank)"),
     "lora_dropout": (0, math.nextafter(1.0, 0.0), "it is the probability of dropping an adapter input, from 0 up "
@@ -373,4 +377,5 @@ rows. (Runs whose run_config.json does not record it split by their --seed.)"""
 
 # Options that may differ between a run and its resumption without changing its results.
 RESUME_FREE_FIELDS = {"resume", "overwrite", "stop_after_steps", "cache_dir", "tensorboard", "output_dir",
-                      "eval_every", "save_every", "save_every_minutes", "keep_last", "merge_lora"}
+                      "eval_every", "save_every", "save_every_minutes", "keep_last", "merge_lora",
+                      "max_memory"}

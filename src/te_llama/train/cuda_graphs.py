@@ -31,6 +31,7 @@ from ..errors import BackendUnavailableError
 from ..model.convert import CONVERSION_ATTR, decoder_layers
 from ..model.token_layout import TokenLayout
 from ..precision import FP8_PRECISIONS, check_precision_available, make_recipe
+from .gpu_memory import available_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -347,7 +348,8 @@ def release_cuda_graphs(model: nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
-def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: int) -> tuple[bool, str]:
+def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: int, cap: int | None = None
+                      ) -> tuple[bool, str]:
     """After capture: is there still room for what training allocates later (AdamW's two
     moments, the gradients not written in place, `headroom_bytes` for logits and the rest)?
 
@@ -359,8 +361,6 @@ def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: in
     trainable = [p for p in model.parameters() if p.requires_grad]
     moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
     other_grads = sum(p.numel() * p.element_size() for p in trainable if id(p) not in in_place)
-    free, _ = torch.cuda.mem_get_info(device)
-    cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
     need = moments + other_grads + headroom_bytes
-    have = free + cached
+    have = available_bytes(device, cap)
     return have >= need, f"{have / 2**30:.1f} GiB free after capture, {need / 2**30:.1f} GiB needed later"

@@ -22,6 +22,7 @@ from ..model.peft_adapter import load_peft_adapter
 from ..precision import FP8_PRECISIONS, auto_precision, check_precision_available
 from .config import ConfigError, FinetuneConfig
 from .data import DataError
+from .gpu_memory import limit_memory, use_expandable_segments
 from .lora_run import check_fp8_base, fp8_base_precision, fp8_base_recipe, model_config, peft_model, resolve_lora
 from .step import Runtime
 
@@ -31,6 +32,8 @@ logger = logging.getLogger(__name__)
 def resolve_runtime(config: FinetuneConfig) -> Runtime:
     """'auto' resolved for this machine; combinations that cannot run here refused with the fix."""
     cuda = torch.cuda.is_available()
+    if cuda:
+        use_expandable_segments()
     backend = config.backend if config.backend != "auto" else ("te" if cuda and te_available() else "reference")
     precision = config.precision
     fp8_base = config.lora and config.lora_base == "fp8"
@@ -44,7 +47,7 @@ def resolve_runtime(config: FinetuneConfig) -> Runtime:
     check_precision_available(precision)
     dtype_name = config.param_dtype if config.param_dtype != "auto" else ("bfloat16" if cuda else "float32")
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    return Runtime(device, backend, precision, getattr(torch, dtype_name))
+    return Runtime(device, backend, precision, getattr(torch, dtype_name), limit_memory(device, config.max_memory))
 
 
 def check_sequence_length(config: FinetuneConfig, model_path: Path | None) -> None:

@@ -47,6 +47,8 @@ class Runtime:
     backend: str
     precision: str
     param_dtype: torch.dtype
+    memory_cap: int | None = None
+    """Bytes of GPU memory the run may use (--max-memory), None: the whole GPU."""
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ class TrainStep:
             logger.warning("CUDA graphs off: capturing them ran out of GPU memory; running eagerly")
             self.graph_shape = None
             return
-        fits, detail = graphs_leave_room(self.raw_model, self.runtime.device, self.loss_bytes() + 2 * 2**30)
+        fits, detail = graphs_leave_room(self.raw_model, self.runtime.device, self.loss_bytes() + 2 * 2**30,
+                                         self.runtime.memory_cap)
         if not fits:
             release_cuda_graphs(self.raw_model)
             message = (f"CUDA graphs keep their activation memory reserved and would leave too little for the "
@@ -254,4 +257,6 @@ def memory_fixes(config: FinetuneConfig, runtime: Runtime, graphed: bool) -> lis
     if runtime.param_dtype == torch.float32 and runtime.device.type == "cuda":
         fixes.append("--param-dtype bfloat16")
     fixes.append("several GPUs with --parallel fsdp2 (shards weights and optimizer state)")
+    if runtime.memory_cap:
+        fixes.append(f"or allow more with --max-memory (now {runtime.memory_cap / 2**30:g} GiB)")
     return fixes

@@ -1,0 +1,54 @@
+"""GPU memory the run may use: the caching allocator's mode, and the `--max-memory` cap.
+
+Expandable segments: with fixed-size segments, the blocks freed between one step's phases (loss
+chunks, gradients the overlapped AdamW consumed, the graphs' pool beside the eager one) leave
+reserved memory that fits no later request, so a run reserves far more than it ever holds.
+Expandable segments map memory into one growing range per stream instead. te-llama turns them on
+unless the user configured the allocator (PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF) or CUDA
+is already initialized (a library caller's own choice).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from .config import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
+EXPANDABLE = "expandable_segments:True"
+
+
+def use_expandable_segments() -> None:
+    """Before CUDA starts: expandable segments, unless the allocator is configured already."""
+    if any(os.environ.get(v) for v in ALLOCATOR_VARIABLES) or torch.cuda.is_initialized():
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE
+
+
+def limit_memory(device: torch.device, max_memory_gib: float | None) -> int | None:
+    """Cap this process's GPU memory at `max_memory_gib` (torch's per-process fraction, which the
+    allocator enforces as out of memory); returns the cap in bytes, None without one."""
+    if max_memory_gib is None:
+        return None
+    if device.type != "cuda":
+        raise ConfigError(f"--max-memory {max_memory_gib:g} caps GPU memory, and this run has no GPU: leave it out")
+    total = torch.cuda.get_device_properties(device).total_memory
+    cap = int(max_memory_gib * 2**30)
+    if cap > total:
+        raise ConfigError(f"--max-memory {max_memory_gib:g} GiB is more than this GPU has ({total / 2**30:.1f} "
+                          "GiB): lower it or leave it out")
+    torch.cuda.set_per_process_memory_fraction(cap / total, device)
+    logger.info("GPU memory capped at %.1f of %.1f GiB (--max-memory)", cap / 2**30, total / 2**30)
+    return cap
+
+
+def available_bytes(device: torch.device, cap: int | None) -> int:
+    """What the allocator can still hand out: free GPU memory plus its own cached blocks, within the cap."""
+    free, _ = torch.cuda.mem_get_info(device)
+    have = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+    return have if cap is None else min(have, cap - torch.cuda.memory_allocated(device))

@@ -1,0 +1,65 @@
+"""The GPU memory settings: the allocator's mode and the --max-memory cap (checked here without a GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from te_llama.train import gpu_memory
+from te_llama.train.config import ConfigError
+
+
+@pytest.fixture
+def no_allocator_config(monkeypatch):
+    for name in gpu_memory.ALLOCATOR_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+
+
+def test_expandable_segments_are_turned_on_before_cuda_starts(no_allocator_config) -> None:
+    gpu_memory.use_expandable_segments()
+    assert gpu_memory.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+
+
+@pytest.mark.parametrize("name", gpu_memory.ALLOCATOR_VARIABLES)
+def test_a_users_allocator_settings_are_kept(no_allocator_config, monkeypatch, name) -> None:
+    monkeypatch.setenv(name, "max_split_size_mb:512")
+    gpu_memory.use_expandable_segments()
+    assert gpu_memory.os.environ[name] == "max_split_size_mb:512"
+    assert gpu_memory.os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") != "expandable_segments:True"
+
+
+def test_nothing_changes_once_cuda_is_initialized(no_allocator_config, monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    gpu_memory.use_expandable_segments()
+    assert not any(gpu_memory.os.environ.get(n) for n in gpu_memory.ALLOCATOR_VARIABLES)
+
+
+def test_max_memory_without_a_gpu_is_refused() -> None:
+    with pytest.raises(ConfigError, match="--max-memory 75 caps GPU memory, and this run has no GPU: leave it out"):
+        gpu_memory.limit_memory(torch.device("cpu"), 75)
+    assert gpu_memory.limit_memory(torch.device("cpu"), None) is None
+
+
+class _Props:
+    total_memory = 80 * 2**30
+
+
+def test_max_memory_sets_the_per_process_fraction(monkeypatch) -> None:
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: _Props())
+    monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", lambda f, d: calls.append((f, d)))
+    cuda = torch.device("cuda", 0)
+    assert gpu_memory.limit_memory(cuda, 60) == 60 * 2**30
+    assert calls == [(0.75, cuda)]
+    with pytest.raises(ConfigError, match="--max-memory 81 GiB is more than this GPU has \\(80.0 GiB\\)"):
+        gpu_memory.limit_memory(cuda, 81)
+
+
+def test_available_memory_stays_within_the_cap(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (50 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 20 * 2**30)
+    cuda = torch.device("cuda", 0)
+    assert gpu_memory.available_bytes(cuda, None) == 60 * 2**30  # free + cached
+    assert gpu_memory.available_bytes(cuda, 40 * 2**30) == 20 * 2**30  # cap - allocated
