@@ -1,4 +1,4 @@
-"""The GPU memory settings: the allocator's mode and the --max-memory cap (checked here without a GPU)."""
+"""The --max-memory cap (checked here without a GPU: torch's calls faked)."""
 
 from __future__ import annotations
 
@@ -7,32 +7,6 @@ import torch
 
 from te_llama.train import gpu_memory
 from te_llama.train.config import ConfigError
-
-
-@pytest.fixture
-def no_allocator_config(monkeypatch):
-    for name in gpu_memory.ALLOCATOR_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
-
-
-def test_expandable_segments_are_turned_on_before_cuda_starts(no_allocator_config) -> None:
-    gpu_memory.use_expandable_segments()
-    assert gpu_memory.os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
-
-
-@pytest.mark.parametrize("name", gpu_memory.ALLOCATOR_VARIABLES)
-def test_a_users_allocator_settings_are_kept(no_allocator_config, monkeypatch, name) -> None:
-    monkeypatch.setenv(name, "max_split_size_mb:512")
-    gpu_memory.use_expandable_segments()
-    assert gpu_memory.os.environ[name] == "max_split_size_mb:512"
-    assert gpu_memory.os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "") != "expandable_segments:True"
-
-
-def test_nothing_changes_once_cuda_is_initialized(no_allocator_config, monkeypatch) -> None:
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    gpu_memory.use_expandable_segments()
-    assert not any(gpu_memory.os.environ.get(n) for n in gpu_memory.ALLOCATOR_VARIABLES)
 
 
 def test_max_memory_without_a_gpu_is_refused() -> None:

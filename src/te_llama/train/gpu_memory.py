@@ -1,33 +1,18 @@
-"""GPU memory the run may use: the caching allocator's mode, and the `--max-memory` cap.
+"""The GPU memory a run may use: the `--max-memory` cap, and what is left under it.
 
-Expandable segments: with fixed-size segments, the blocks freed between one step's phases (loss
-chunks, gradients the overlapped AdamW consumed, the graphs' pool beside the eager one) leave
-reserved memory that fits no later request, so a run reserves far more than it ever holds.
-Expandable segments map memory into one growing range per stream instead. te-llama turns them on
-unless the user configured the allocator (PYTORCH_ALLOC_CONF / PYTORCH_CUDA_ALLOC_CONF) or CUDA
-is already initialized (a library caller's own choice).
+Why a cap: to check on a large GPU that a configuration fits a smaller one (an 80 GB H100 from a
+141 GB H200), torch's per-process limit makes the allocator fail where the smaller GPU would.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from .config import ConfigError
 
 logger = logging.getLogger(__name__)
-
-ALLOCATOR_VARIABLES = ("PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF")
-EXPANDABLE = "expandable_segments:True"
-
-
-def use_expandable_segments() -> None:
-    """Before CUDA starts: expandable segments, unless the allocator is configured already."""
-    if any(os.environ.get(v) for v in ALLOCATOR_VARIABLES) or torch.cuda.is_initialized():
-        return
-    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = EXPANDABLE
 
 
 def limit_memory(device: torch.device, max_memory_gib: float | None) -> int | None:

