@@ -23,6 +23,7 @@ their static buffers instead (`grads_in_place=False`: one more copy of the gradi
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..availability import te_import_error
 from ..errors import BackendUnavailableError
 from ..model.convert import CONVERSION_ATTR, decoder_layers
 from ..model.token_layout import TokenLayout
@@ -187,6 +189,26 @@ def graphs_unsupported_reason(model: nn.Module) -> str | None:
             getattr(layer, "gradient_checkpointing", False) for layer in decoder_layers(model)):
         return "activation checkpointing recomputes layers outside the graph"
     return None
+
+
+def accumulation_unsupported_reason() -> str | None:
+    """Why graphed layers cannot accumulate gradients over micro-batches with this Transformer Engine, or None.
+
+    Every gradient a graph hands autograd (norm weights and biases always, every weight under DDP)
+    comes from the graph's static buffers. Transformer Engine before 2.19 returned those buffers
+    themselves, which autograd may keep as `.grad`: the next micro-batch's replay then overwrites the
+    gradient accumulation is adding to. 2.19 returns copies (`clone_param_grads_on_return`).
+    """
+    if te_import_error():
+        return None  # no TE: graphs are ruled out by graphs_unsupported_reason
+    import transformer_engine
+    import transformer_engine.pytorch as te
+
+    if "clone_param_grads_on_return" in inspect.signature(te.make_graphed_callables).parameters:
+        return None
+    return (f"Transformer Engine {transformer_engine.__version__} hands a CUDA graph's gradients to autograd in the "
+            "graph's own buffers, which the next micro-batch overwrites: use --grad-accum 1, or upgrade to "
+            "Transformer Engine 2.19 or newer")
 
 
 def static_layer_calls(model: nn.Module, shape: StaticShape) -> tuple[StaticShape, int, dict[int, PackedLayerCall]]:

@@ -27,6 +27,7 @@ from .batching import Batch
 from .config import ConfigError, FinetuneConfig
 from .cuda_graphs import (
     StaticShape,
+    accumulation_unsupported_reason,
     capture_cuda_graphs,
     graphs_leave_room,
     graphs_unsupported_reason,
@@ -69,6 +70,8 @@ def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any) -> str
         return "activation checkpointing recomputes layers outside the graph: drop --activation-checkpointing"
     if not config.packing:
         return "padding gives every batch another shape: use --packing"
+    if config.grad_accum > 1 and (reason := accumulation_unsupported_reason()):
+        return reason
     if config.parallel == "fsdp2":
         return ("FSDP2 all-gathers each layer's weights into fresh memory from hooks around the layer's call and "
                 "frees them after; a graph replays fixed addresses and runs no hooks: use --parallel ddp")
