@@ -152,6 +152,14 @@ def evaluate(step: TrainStep, source: BatchSource | None, runtime: Runtime) -> f
     return total / max(count, 1)
 
 
+def peak_memory(device: torch.device) -> list[int]:
+    """This process's peak GPU bytes so far: held by tensors, and reserved by the allocator (CUDA-graph pools
+    included: what must fit); none on a CPU."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)]
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
     """After resuming at `step`, forget rows logged after that checkpoint by the interrupted run."""
     rows = [r for r in read_metrics(path) if r["step"] <= step]
@@ -275,12 +283,13 @@ def train(run: Run) -> tuple[float, float | None, list[float]]:
                 save_due = config.save_every > 0 and config.save_every_minutes > 0 and \
                     time.monotonic() - last_save >= 60 * config.save_every_minutes
                 signum = stops.signum or 0
+                peaks = peak_memory(device)
                 if world > 1:  # the global batch's mean loss and token counts; every rank stops together
                     counts = accelerator.reduce(torch.tensor([real, padded], device=device), "sum")
                     loss, (real, padded) = accelerator.reduce(loss, "mean"), counts.tolist()
-                    flags = torch.tensor([signum, int(save_due)], device=device)
+                    flags = torch.tensor([signum, int(save_due), *peaks], device=device)  # peaks: the fullest GPU's
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-                    signum, save_due = int(flags[0]), bool(flags[1])
+                    signum, save_due, peaks = int(flags[0]), bool(flags[1]), flags[2:].tolist()
                 last_loss = float(loss)  # syncs the device: the step is done
                 elapsed = time.perf_counter() - start
                 speeds.append(real / elapsed)
@@ -288,7 +297,9 @@ def train(run: Run) -> tuple[float, float | None, list[float]]:
                     run.metrics.log("train", position.step, loss=last_loss, lr=run.step.scheduler.get_last_lr()[0],
                                     grad_norm=grad_norm_value(grad_norm) if grad_norm is not None else None,
                                     step_ms=1000 * elapsed, tokens_per_s=real / elapsed, real_tokens=real,
-                                    padded_tokens=padded, epoch=position.epoch)
+                                    padded_tokens=padded, epoch=position.epoch,
+                                    **({"peak_allocated_gib": peaks[0] / 2**30, "peak_reserved_gib": peaks[1] / 2**30}
+                                       if peaks else {}))
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{real / elapsed:,.0f}")
                 if run.evals is not None and (position.step % config.eval_every == 0 or position.step == run.steps):
