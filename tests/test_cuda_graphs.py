@@ -185,3 +185,34 @@ def test_graphs_cast_only_in_the_first_forward_after_an_optimizer_step(layerwise
     assert casts_per_forward() == [True, False, True, False]
     assert len(seen) == 4 * layers
     assert all(len({kw["is_first_microbatch"] for kw in seen[i:i + layers]}) == 1 for i in range(0, len(seen), layers))
+
+
+@pytest.mark.parametrize("returns_copies", [True, False])
+def test_graphs_accumulate_only_where_te_returns_copies_of_their_gradients(monkeypatch, returns_copies) -> None:
+    """A graph's gradients reach autograd from its static buffers; TE before 2.19 handed over the buffers
+    themselves, which the next micro-batch's replay overwrites: accumulation is then refused (a faked TE)."""
+    import sys
+    import types
+
+    from te_llama.train import cuda_graphs
+    from te_llama.train.config import ConfigError, resolve_config
+    from te_llama.train.step import Runtime, resolve_features
+
+    def make_graphed_callables(modules, sample_args, clone_param_grads_on_return=True): ...
+
+    def older_make_graphed_callables(modules, sample_args): ...
+
+    fake = types.ModuleType("transformer_engine")
+    fake.__version__ = "2.8.0"
+    te = types.SimpleNamespace(make_graphed_callables=make_graphed_callables if returns_copies else
+                               older_make_graphed_callables)
+    monkeypatch.setitem(sys.modules, "transformer_engine", fake)
+    monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te)
+    monkeypatch.setattr(cuda_graphs, "te_import_error", lambda: None)  # the fake TE above imports
+    gpu = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
+    assert resolve_features(resolve_config(grad_accum=1), gpu, None, 2).cuda_graphs
+    assert resolve_features(resolve_config(grad_accum=2), gpu, None, 2).cuda_graphs == returns_copies
+    if not returns_copies:
+        with pytest.raises(ConfigError, match=r"Transformer Engine 2\.8\.0 hands a CUDA graph's gradients to autograd "
+                                              r"in the graph's own buffers.*use --grad-accum 1, or upgrade"):
+            resolve_features(resolve_config(grad_accum=2, cuda_graphs=True), gpu, None, 2)

@@ -151,12 +151,12 @@ def test_overwrite_refuses_the_home_folder_and_parents_of_the_working_directory(
 
 
 def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_rerun(tmp_path, monkeypatch, capsys) -> None:
-    import te_llama.train.step as step
+    import te_llama.train.loss as loss
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 4.00 GiB")
 
-    monkeypatch.setattr(step, "causal_lm_loss", out_of_memory)
+    monkeypatch.setattr(loss, "causal_lm_loss", out_of_memory)
     assert cli(tmp_path, "--max-steps", "4", "--max-seq-len", "64", "--batch-size", "4") == 2
     err = capsys.readouterr().err
     assert "te-llama: error: out of GPU memory at step 1 with 256 tokens per micro-batch" in err
@@ -172,16 +172,16 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_rerun(
 
 KILL_AT_STEP = """
 import os, signal, sys
-import te_llama.train.step as step
+import te_llama.train.loss as loss
 from te_llama.train.recipe import finetune
 from te_llama.train.config import resolve_config
-real_loss, calls = step.causal_lm_loss, []
+real_loss, calls = loss.causal_lm_loss, []
 def loss_then_die(*args, **kwargs):
     calls.append(1)
     if len(calls) == 2:
         os.kill(os.getpid(), signal.SIGKILL)
     return real_loss(*args, **kwargs)
-step.causal_lm_loss = loss_then_die
+loss.causal_lm_loss = loss_then_die
 finetune(resolve_config(output_dir=sys.argv[1], cache_dir=sys.argv[2], tensorboard=False, max_steps=4,
                         max_seq_len=64, batch_size=4, save_every=2))
 """

@@ -106,7 +106,7 @@ class FinetuneConfig:
     auto = fp8-delayed-fastacc with TE on one FP8 GPU (Hopper, Ada or newer), else bf16 on GPU, fp32 on CPU."""
     cuda_graphs: bool | None = None
     """Replay the TE layers as CUDA graphs for the packed token budget (rows padded to it). Unset
-    (auto): wherever they run (backend te, packing, one process, no activation checkpointing);
+    (auto): wherever they run (backend te, packing, not FSDP2, no activation checkpointing);
     --cuda-graphs where they cannot is refused with the reason."""
     overlap_optimizer: bool | None = None
     """Update each decoder layer during backward on a second CUDA stream, overlapping AdamW with the
@@ -114,7 +114,7 @@ class FinetuneConfig:
     clipping, one process, no activation checkpointing); explicit where it cannot is refused."""
     fused_loss: bool | None = None
     """lm_head + cross-entropy without FP32 logits (less memory, fewer passes over the vocabulary).
-    Unset (auto): backends te/reference in one process; explicit where it cannot is refused."""
+    Unset (auto): backends te/reference (also under DDP and FSDP2); explicit where it cannot is refused."""
     activation_checkpointing: bool = False
     """Recompute each decoder layer in backward: less memory, about a third more compute."""
     max_memory: float | None = None

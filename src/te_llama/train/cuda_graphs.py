@@ -14,12 +14,16 @@ precision is the one given at capture.
 
 Gradients: with fused Q/K/V (the default), TE's GEMMs write each weight's gradient straight
 into a persistent buffer that is bound as its `.grad` at every training forward
-(`write_wgrads_in_place`), so the graphs keep no second copy of the gradients.
+(`write_wgrads_in_place`), so the graphs keep no second copy of the gradients. Such a gradient
+never passes through autograd, so no per-parameter autograd hook sees it: under DDP, whose
+all-reduce starts from those hooks, the graphs return their weight gradients to autograd from
+their static buffers instead (`grads_in_place=False`: one more copy of the gradients in memory).
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -27,6 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..availability import te_import_error
 from ..errors import BackendUnavailableError
 from ..model.convert import CONVERSION_ATTR, decoder_layers
 from ..model.token_layout import TokenLayout
@@ -187,6 +192,26 @@ def graphs_unsupported_reason(model: nn.Module) -> str | None:
     return None
 
 
+def accumulation_unsupported_reason() -> str | None:
+    """Why graphed layers cannot accumulate gradients over micro-batches with this Transformer Engine, or None.
+
+    Every gradient a graph hands autograd (norm weights and biases always, every weight under DDP)
+    comes from the graph's static buffers. Transformer Engine before 2.19 returned those buffers
+    themselves, which autograd may keep as `.grad`: the next micro-batch's replay then overwrites the
+    gradient accumulation is adding to. 2.19 returns copies (`clone_param_grads_on_return`).
+    """
+    if te_import_error():
+        return None  # no TE: graphs are ruled out by graphs_unsupported_reason
+    import transformer_engine
+    import transformer_engine.pytorch as te
+
+    if "clone_param_grads_on_return" in inspect.signature(te.make_graphed_callables).parameters:
+        return None
+    return (f"Transformer Engine {transformer_engine.__version__} hands a CUDA graph's gradients to autograd in the "
+            "graph's own buffers, which the next micro-batch overwrites: use --grad-accum 1, or upgrade to "
+            "Transformer Engine 2.19 or newer")
+
+
 def static_layer_calls(model: nn.Module, shape: StaticShape) -> tuple[StaticShape, int, dict[int, PackedLayerCall]]:
     """Each decoder layer's fixed-shape packed call, before capture: (shape as the layers see
     it, padded token rows, id(layer) -> call). Eager calls of these are what the graphs replay."""
@@ -273,7 +298,8 @@ def installed_graphs(model: nn.Module) -> GraphedLayers | None:
 
 
 def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, accumulate_grads: bool = True,
-                        warmup_iters: int = 3, shared_grad_buffers: int = 0) -> GraphedLayers:
+                        warmup_iters: int = 3, shared_grad_buffers: int = 0, grads_in_place: bool = True
+                        ) -> GraphedLayers:
     """Capture every decoder layer of a converted TE model for micro-batches of `shape`.
 
     Call after the weights are final in memory (loaded, resumed) and before training; the
@@ -282,6 +308,8 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
     layers' weight gradients instead of adding to them: no zeroing, one memory pass less.
     shared_grad_buffers=N: the layers' weight gradients share N buffer sets (`write_wgrads_in_place`),
     for `LayerwiseAdamW(reused_grad_buffers=N)` only.
+    grads_in_place=False: every weight gradient comes back through autograd (AccumulateGrad into
+    `.grad`, then the parameter's hooks, e.g. DDP's all-reduce), from the graphs' static buffers.
     FP8: the graphs read FP8 weight copies kept between replays (TE's `cache_quantized_params`);
     every replay casts into them unless told the weights did not change (`track_weight_updates`).
     """
@@ -301,7 +329,9 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
         (torch.randn(padded_tokens, model.config.hidden_size, device=device, dtype=dtype,
                      generator=generator).requires_grad_(), sample_cu) for _ in calls)
     layers = list(decoder_layers(model))
-    grad_buffers = write_wgrads_in_place(layers, accumulate_grads, shared_grad_buffers)
+    if shared_grad_buffers and not grads_in_place:
+        raise ValueError("shared gradient buffers are written in place: they need grads_in_place=True")
+    grad_buffers = write_wgrads_in_place(layers, accumulate_grads, shared_grad_buffers) if grads_in_place else {}
     # The layers see the dtype they will see in training: BF16 under autocast (no cast cache
     # inside a graph), or the weights' own dtype for fp32.
     cast = contextlib.nullcontext() if precision == "fp32" else \

@@ -45,6 +45,25 @@ def causal_lm_loss(model: nn.Module, labels: torch.Tensor, **inputs) -> torch.Te
     return linear_cross_entropy(hidden.flatten(0, -2), model.get_output_embeddings().weight, targets.reshape(-1))
 
 
+class LossModel(nn.Module):
+    """An HF causal LM whose forward returns `causal_lm_loss`: the module DDP wraps and FSDP2's root
+    shards when the fused loss is on.
+
+    Why: the fused loss runs the model's body and reads the lm_head weight itself, around the HF
+    model's forward. Wrapped in this module, that whole computation is the forward DDP and FSDP2
+    hook into: DDP's reducer sees the lm_head's gradient, FSDP2 all-gathers the embeddings, final
+    norm and lm_head before it and reduce-scatters their gradients after. It holds nothing of its
+    own: checkpoints and exports are taken from `.model`, under the HF model's names.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, labels: torch.Tensor, **inputs) -> torch.Tensor:
+        return causal_lm_loss(self.model, labels, **inputs)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy of `hidden @ weight.T` against `targets` (IGNORE_INDEX skipped).
 

@@ -60,12 +60,13 @@ def require_process_group(mode: str) -> None:
                            "accelerate launch (one process is fine: --nproc_per_node 1)")
 
 
-def shard_fsdp2(model: nn.Module) -> nn.Module:
-    """fully_shard every decoder layer, then the root (embeddings, final norm, lm_head)."""
+def shard_fsdp2(model: nn.Module, root: nn.Module) -> None:
+    """fully_shard every decoder layer of `model`, then `root`, the module whose forward the step calls (the
+    model itself, or the fused loss's `LossModel` around it): its parameters are the embeddings, final norm and
+    lm_head, all-gathered before that forward and reduce-scattered after its backward."""
     for layer in decoder_layers(model):
         fully_shard(layer)
-    fully_shard(model)
-    return model
+    fully_shard(root)
 
 
 def full_state_dict(model: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:

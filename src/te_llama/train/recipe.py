@@ -49,7 +49,6 @@ from .parallel import (
     load_sharded_checkpoint,
     require_process_group,
     save_sharded_checkpoint,
-    shard_fsdp2,
 )
 from .run_dir import (
     check_output_dir,
@@ -134,10 +133,11 @@ def graph_shape(config: FinetuneConfig, train: BatchSource, steps: int) -> Stati
     return StaticShape(budget, max_docs_per_batch(plans, train.lengths, budget, config.max_seq_len), config.max_seq_len)
 
 
-def evaluate(model, source: BatchSource | None, runtime: Runtime) -> float | None:
-    """Token-weighted mean loss over the eval split."""
+def evaluate(step: TrainStep, source: BatchSource | None, runtime: Runtime) -> float | None:
+    """Token-weighted mean loss over the eval split, computed as training computes it."""
     if source is None:
         return None
+    model = step.model
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
@@ -146,10 +146,18 @@ def evaluate(model, source: BatchSource | None, runtime: Runtime) -> float | Non
             inputs = {k: v.to(runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
             targets = int((inputs["labels"][:, 1:] != -100).sum())
             with autocast(runtime.precision):
-                total += float(model(**inputs).loss) * targets
+                total += float(step.loss(inputs)) * targets
             count += targets
     model.train()
     return total / max(count, 1)
+
+
+def peak_memory(device: torch.device) -> list[int]:
+    """This process's peak GPU bytes so far: held by tensors, and reserved by the allocator (CUDA-graph pools
+    included: what must fit); none on a CPU."""
+    if device.type != "cuda":
+        return []
+    return [torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)]
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -185,7 +193,7 @@ class Run:
     def save_checkpoint(self) -> None:
         config, step = self.config, self.step
         if config.parallel == "fsdp2":  # every rank writes its shards
-            save_sharded_checkpoint(self.checkpoints, self.position, step.model, step.optimizer, step.scheduler,
+            save_sharded_checkpoint(self.checkpoints, self.position, step.raw_model, step.optimizer, step.scheduler,
                                     config.keep_last, trainable_only=config.lora)
         elif self.accelerator.is_main_process:  # data-parallel replicas are identical: one copy is the checkpoint
             save_checkpoint(self.checkpoints, self.position, step.raw_model, step.optimizer, step.scheduler,
@@ -237,8 +245,6 @@ def start_run(config: FinetuneConfig) -> Run:
     train = BatchSource(train_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours)
     evals = BatchSource(eval_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours) if eval_set is not None else None
     steps = total_steps(config, train, world)
-    if config.parallel == "fsdp2":
-        model = shard_fsdp2(model)
     step = build_train_step(config, runtime, model, accelerator, steps, world,
                             graph_shape(config, train, steps) if config.packing else None)
     run = Run(config, runtime, accelerator, tokenizer, train, evals, steps, step, Position(),
@@ -277,12 +283,13 @@ def train(run: Run) -> tuple[float, float | None, list[float]]:
                 save_due = config.save_every > 0 and config.save_every_minutes > 0 and \
                     time.monotonic() - last_save >= 60 * config.save_every_minutes
                 signum = stops.signum or 0
+                peaks = peak_memory(device)
                 if world > 1:  # the global batch's mean loss and token counts; every rank stops together
                     counts = accelerator.reduce(torch.tensor([real, padded], device=device), "sum")
                     loss, (real, padded) = accelerator.reduce(loss, "mean"), counts.tolist()
-                    flags = torch.tensor([signum, int(save_due)], device=device)
+                    flags = torch.tensor([signum, int(save_due), *peaks], device=device)  # peaks: the fullest GPU's
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
-                    signum, save_due = int(flags[0]), bool(flags[1])
+                    signum, save_due, peaks = int(flags[0]), bool(flags[1]), flags[2:].tolist()
                 last_loss = float(loss)  # syncs the device: the step is done
                 elapsed = time.perf_counter() - start
                 speeds.append(real / elapsed)
@@ -290,11 +297,13 @@ def train(run: Run) -> tuple[float, float | None, list[float]]:
                     run.metrics.log("train", position.step, loss=last_loss, lr=run.step.scheduler.get_last_lr()[0],
                                     grad_norm=grad_norm_value(grad_norm) if grad_norm is not None else None,
                                     step_ms=1000 * elapsed, tokens_per_s=real / elapsed, real_tokens=real,
-                                    padded_tokens=padded, epoch=position.epoch)
+                                    padded_tokens=padded, epoch=position.epoch,
+                                    **({"peak_allocated_gib": peaks[0] / 2**30, "peak_reserved_gib": peaks[1] / 2**30}
+                                       if peaks else {}))
                 bar.update(1)
                 bar.set_postfix(loss=f"{last_loss:.4f}", tok_s=f"{real / elapsed:,.0f}")
                 if run.evals is not None and (position.step % config.eval_every == 0 or position.step == run.steps):
-                    eval_loss = evaluate(run.step.model, run.evals, run.runtime)
+                    eval_loss = evaluate(run.step, run.evals, run.runtime)
                     if run.metrics is not None:
                         run.metrics.log("eval", position.step, loss=eval_loss, perplexity=math.exp(min(eval_loss, 50)))
                 on_schedule = config.save_every > 0 and (position.step % config.save_every == 0 or
@@ -324,7 +333,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     exported = None
     if run.position.step == run.steps:  # finished: the HF export (LoRA: the PEFT adapter)
         fsdp, lora = config.parallel == "fsdp2", config.lora and not config.merge_lora
-        gathered = full_state_dict(run.step.model, trainable_only=lora) if fsdp else None  # every rank takes part
+        gathered = full_state_dict(run.step.raw_model, trainable_only=lora) if fsdp else None  # every rank takes part
         if run.accelerator.is_main_process:
             exported = export_final(run, gathered)
     if run.accelerator.is_main_process:

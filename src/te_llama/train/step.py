@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
 from ..availability import triton_available
@@ -26,6 +27,7 @@ from .batching import Batch
 from .config import ConfigError, FinetuneConfig
 from .cuda_graphs import (
     StaticShape,
+    accumulation_unsupported_reason,
     capture_cuda_graphs,
     graphs_leave_room,
     graphs_unsupported_reason,
@@ -34,7 +36,8 @@ from .cuda_graphs import (
 )
 from .faults import out_of_memory
 from .layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW
-from .loss import causal_lm_loss, chunk_tokens
+from .loss import LossModel, chunk_tokens
+from .parallel import shard_fsdp2
 
 logger = logging.getLogger(__name__)
 
@@ -62,15 +65,18 @@ class Features:
     """"triton" (te_llama.train.triton_adamw) on CUDA without FSDP2, else "torch" (fused AdamW on CUDA)."""
 
 
-def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any, world: int) -> str | None:
+def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any) -> str | None:
     if runtime.backend != "te":
         return f"backend {runtime.backend!r} (graphs are for TE layers): use --backend te"
     if config.activation_checkpointing:
         return "activation checkpointing recomputes layers outside the graph: drop --activation-checkpointing"
     if not config.packing:
         return "padding gives every batch another shape: use --packing"
-    if world > 1 or config.parallel == "fsdp2":
-        return "several processes / FSDP2 gather or reduce outside any graph: run one process"
+    if config.grad_accum > 1 and (reason := accumulation_unsupported_reason()):
+        return reason
+    if config.parallel == "fsdp2":
+        return ("FSDP2 all-gathers each layer's weights into fresh memory from hooks around the layer's call and "
+                "frees them after; a graph replays fixed addresses and runs no hooks: use --parallel ddp")
     return graphs_unsupported_reason(model) if model is not None else None
 
 
@@ -82,17 +88,17 @@ def _overlap_blocker(config: FinetuneConfig, runtime: Runtime, world: int) -> st
     if config.max_grad_norm > 0:
         return "clipping by the global norm needs every gradient before any update: use --max-grad-norm 0"
     if world > 1 or config.parallel == "fsdp2":
-        return "several processes reduce gradients after backward: run one process"
+        return ("DDP and FSDP2 reduce gradients across processes asynchronously, in buckets, and hand the reduced "
+                "values back only at the end of backward; a layer updated during backward would use its own "
+                "process's gradient: run one process")
     if config.activation_checkpointing:
         return "activation checkpointing re-runs layers inside backward: drop --activation-checkpointing"
     return None
 
 
-def _fused_loss_blocker(config: FinetuneConfig, runtime: Runtime, world: int) -> str | None:
+def _fused_loss_blocker(runtime: Runtime) -> str | None:
     if runtime.backend == "hf":
         return "backend 'hf' is the baseline as transformers runs it"
-    if world > 1 or config.parallel == "fsdp2":
-        return "several processes: DDP and FSDP2 act in the model's forward, which the fused loss goes around"
     return None
 
 
@@ -111,11 +117,11 @@ def resolve_features(config: FinetuneConfig, runtime: Runtime, model: Any, world
     # te-llama's Triton AdamW where it runs; backend 'hf' stays transformers + torch's fused AdamW
     ours = runtime.backend != "hf" and config.parallel != "fsdp2"
     kernel = "triton" if ours and triton_available(runtime.device) else "torch"
-    graphs = _graphs_blocker(config, runtime, model, world)
+    graphs = _graphs_blocker(config, runtime, model)
     return Features(cuda_graphs=_decide("cuda_graphs", config.cuda_graphs, graphs, log),
                     overlap_optimizer=_decide("overlap_optimizer", config.overlap_optimizer,
                                               _overlap_blocker(config, runtime, world), log),
-                    fused_loss=_decide("fused_loss", config.fused_loss, _fused_loss_blocker(config, runtime, world), log),
+                    fused_loss=_decide("fused_loss", config.fused_loss, _fused_loss_blocker(runtime), log),
                     optimizer_kernel=kernel)
 
 
@@ -149,29 +155,31 @@ class TrainStep:
                  graph_shape: StaticShape | None, clip: Callable[[], Any] | None) -> None:
         self.config, self.runtime, self.features = config, runtime, features
         self.model, self.raw_model = model, raw_model
-        """`model` as prepared (DDP-wrapped with several processes); `raw_model` the HF model itself."""
+        """`model`: what the step calls, as prepared (the fused loss's `LossModel` around the HF model or the HF
+        model, DDP-wrapped with several processes, FSDP2's root under FSDP2); `raw_model`: the HF model itself,
+        whose state dict checkpoints and exports hold."""
         self.optimizer, self.scheduler, self.accelerator = optimizer, scheduler, accelerator
         self.graph_shape = graph_shape
         """The micro-batch shape the layers are captured for (None: eager); rows are padded to it."""
         self._clip = clip
-        self._loss = self._fused_loss if features.fused_loss else self._model_loss
 
-    def _fused_loss(self, inputs: dict) -> torch.Tensor:
-        return causal_lm_loss(self.raw_model, **inputs)
-
-    def _model_loss(self, inputs: dict) -> torch.Tensor:
-        return self.model(**inputs).loss
+    def loss(self, inputs: dict) -> torch.Tensor:
+        """The micro-batch's mean loss through `model` (training and eval alike)."""
+        out = self.model(**inputs)
+        return out if self.features.fused_loss else out.loss
 
     def capture_graphs(self) -> None:
         """Capture the decoder layers for `graph_shape`: call once, before the first step and after a
         resumed run loaded its weights. Unset (auto) graphs that do not fit give way to eager layers
-        (`graph_shape` becomes None: rows need no padding); asked-for ones raise."""
+        (`graph_shape` becomes None: rows need no padding); asked-for ones raise. Under DDP the graphs
+        hand their weight gradients to autograd, whose per-parameter hooks start DDP's all-reduce."""
         if self.graph_shape is None:
             return
         try:
             capture_cuda_graphs(self.raw_model, self.graph_shape, self.runtime.precision,
                                 accumulate_grads=self.config.grad_accum > 1,
-                                shared_grad_buffers=shared_grad_buffers(self.config, self.features))
+                                shared_grad_buffers=shared_grad_buffers(self.config, self.features),
+                                grads_in_place=not isinstance(self.model, DistributedDataParallel))
         except torch.OutOfMemoryError:
             release_cuda_graphs(self.raw_model)
             if self.config.cuda_graphs:
@@ -210,7 +218,7 @@ class TrainStep:
         for batch in micro_batches:
             inputs = {k: v.to(self.runtime.device) if torch.is_tensor(v) else v for k, v in batch.inputs.items()}
             with autocast(self.runtime.precision):
-                loss = self._loss(inputs)
+                loss = self.loss(inputs)
             self.accelerator.backward(loss / len(micro_batches))
             loss_sum += loss.detach()
         grad_norm = self._clip() if self._clip is not None else None
@@ -224,24 +232,26 @@ class TrainStep:
 
 def build_train_step(config: FinetuneConfig, runtime: Runtime, model: Any, accelerator: Accelerator, steps: int,
                      world: int = 1, graph_shape: StaticShape | None = None) -> TrainStep:
-    """The configured step for `model` (already converted, and sharded under FSDP2).
+    """The configured step for `model` (already converted; sharded here under FSDP2).
 
     `graph_shape`: the packed micro-batch the CUDA graphs are captured for, when they are on.
     """
     features = resolve_features(config, runtime, model, world)
+    trained = LossModel(model) if features.fused_loss else model  # the forward DDP and FSDP2 hook into
+    fsdp = config.parallel == "fsdp2"
+    if fsdp:  # before the optimizer: sharding replaces the parameters
+        shard_fsdp2(model, root=trained)
     optimizer = make_optimizer(config, runtime, model, features)
     scheduler = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
-    fsdp = config.parallel == "fsdp2"
-    raw_model = model
     if not fsdp:  # the schedule counts global steps, so it stays outside prepare() (stepped once per process)
-        model, optimizer = accelerator.prepare(model, optimizer)
+        trained, optimizer = accelerator.prepare(trained, optimizer)
     clip = None
     if config.max_grad_norm > 0:
-        params = [p for p in raw_model.parameters() if p.requires_grad]
+        params = [p for p in model.parameters() if p.requires_grad]
         clip = (lambda: torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)) if fsdp else \
             (lambda: accelerator.clip_grad_norm_(params, config.max_grad_norm))
-    return TrainStep(config, runtime, features, model, raw_model, optimizer, scheduler, accelerator,
+    return TrainStep(config, runtime, features, trained, model, optimizer, scheduler, accelerator,
                      graph_shape if features.cuda_graphs else None, clip)
 
 
