@@ -210,9 +210,9 @@ def test_graphs_accumulate_only_where_te_returns_copies_of_their_gradients(monke
     monkeypatch.setitem(sys.modules, "transformer_engine.pytorch", te)
     monkeypatch.setattr(cuda_graphs, "te_import_error", lambda: None)  # the fake TE above imports
     gpu = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
-    assert resolve_features(resolve_config(grad_accum=1), gpu, None, 2).cuda_graphs
-    assert resolve_features(resolve_config(grad_accum=2), gpu, None, 2).cuda_graphs == returns_copies
+    assert resolve_features(resolve_config(grad_accum=1), gpu, None, 1).cuda_graphs
+    assert resolve_features(resolve_config(grad_accum=2), gpu, None, 1).cuda_graphs == returns_copies
     if not returns_copies:
         with pytest.raises(ConfigError, match=r"Transformer Engine 2\.8\.0 hands a CUDA graph's gradients to autograd "
                                               r"in the graph's own buffers.*use --grad-accum 1, or upgrade"):
-            resolve_features(resolve_config(grad_accum=2, cuda_graphs=True), gpu, None, 2)
+            resolve_features(resolve_config(grad_accum=2, cuda_graphs=True), gpu, None, 1)

@@ -14,10 +14,7 @@ precision is the one given at capture.
 
 Gradients: with fused Q/K/V (the default), TE's GEMMs write each weight's gradient straight
 into a persistent buffer that is bound as its `.grad` at every training forward
-(`write_wgrads_in_place`), so the graphs keep no second copy of the gradients. Such a gradient
-never passes through autograd, so no per-parameter autograd hook sees it: under DDP, whose
-all-reduce starts from those hooks, the graphs return their weight gradients to autograd from
-their static buffers instead (`grads_in_place=False`: one more copy of the gradients in memory).
+(`write_wgrads_in_place`), so the graphs keep no second copy of the gradients.
 """
 
 from __future__ import annotations
@@ -298,8 +295,7 @@ def installed_graphs(model: nn.Module) -> GraphedLayers | None:
 
 
 def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, accumulate_grads: bool = True,
-                        warmup_iters: int = 3, shared_grad_buffers: int = 0, grads_in_place: bool = True
-                        ) -> GraphedLayers:
+                        warmup_iters: int = 3, shared_grad_buffers: int = 0) -> GraphedLayers:
     """Capture every decoder layer of a converted TE model for micro-batches of `shape`.
 
     Call after the weights are final in memory (loaded, resumed) and before training; the
@@ -308,8 +304,6 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
     layers' weight gradients instead of adding to them: no zeroing, one memory pass less.
     shared_grad_buffers=N: the layers' weight gradients share N buffer sets (`write_wgrads_in_place`),
     for `LayerwiseAdamW(reused_grad_buffers=N)` only.
-    grads_in_place=False: every weight gradient comes back through autograd (AccumulateGrad into
-    `.grad`, then the parameter's hooks, e.g. DDP's all-reduce), from the graphs' static buffers.
     FP8: the graphs read FP8 weight copies kept between replays (TE's `cache_quantized_params`);
     every replay casts into them unless told the weights did not change (`track_weight_updates`).
     """
@@ -329,9 +323,7 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
         (torch.randn(padded_tokens, model.config.hidden_size, device=device, dtype=dtype,
                      generator=generator).requires_grad_(), sample_cu) for _ in calls)
     layers = list(decoder_layers(model))
-    if shared_grad_buffers and not grads_in_place:
-        raise ValueError("shared gradient buffers are written in place: they need grads_in_place=True")
-    grad_buffers = write_wgrads_in_place(layers, accumulate_grads, shared_grad_buffers) if grads_in_place else {}
+    grad_buffers = write_wgrads_in_place(layers, accumulate_grads, shared_grad_buffers)
     # The layers see the dtype they will see in training: BF16 under autocast (no cast cache
     # inside a graph), or the weights' own dtype for fp32.
     cast = contextlib.nullcontext() if precision == "fp32" else \

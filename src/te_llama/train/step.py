@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from torch.nn.parallel import DistributedDataParallel
 from transformers import get_scheduler
 
 from ..availability import triton_available
@@ -65,7 +64,7 @@ class Features:
     """"triton" (te_llama.train.triton_adamw) on CUDA without FSDP2, else "torch" (fused AdamW on CUDA)."""
 
 
-def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any) -> str | None:
+def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any, world: int) -> str | None:
     if runtime.backend != "te":
         return f"backend {runtime.backend!r} (graphs are for TE layers): use --backend te"
     if config.activation_checkpointing:
@@ -76,7 +75,11 @@ def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any) -> str
         return reason
     if config.parallel == "fsdp2":
         return ("FSDP2 all-gathers each layer's weights into fresh memory from hooks around the layer's call and "
-                "frees them after; a graph replays fixed addresses and runs no hooks: use --parallel ddp")
+                "frees them after; a graph replays fixed addresses and runs no hooks: run one process")
+    if world > 1:
+        return ("DDP holds each parameter's gradient-accumulation node from its construction on the default "
+                "stream, and capturing a layer's backward on the capture stream then fails "
+                "(cudaErrorStreamCaptureImplicit on 2 H200s): run one process")
     return graphs_unsupported_reason(model) if model is not None else None
 
 
@@ -117,7 +120,7 @@ def resolve_features(config: FinetuneConfig, runtime: Runtime, model: Any, world
     # te-llama's Triton AdamW where it runs; backend 'hf' stays transformers + torch's fused AdamW
     ours = runtime.backend != "hf" and config.parallel != "fsdp2"
     kernel = "triton" if ours and triton_available(runtime.device) else "torch"
-    graphs = _graphs_blocker(config, runtime, model)
+    graphs = _graphs_blocker(config, runtime, model, world)
     return Features(cuda_graphs=_decide("cuda_graphs", config.cuda_graphs, graphs, log),
                     overlap_optimizer=_decide("overlap_optimizer", config.overlap_optimizer,
                                               _overlap_blocker(config, runtime, world), log),
@@ -171,15 +174,13 @@ class TrainStep:
     def capture_graphs(self) -> None:
         """Capture the decoder layers for `graph_shape`: call once, before the first step and after a
         resumed run loaded its weights. Unset (auto) graphs that do not fit give way to eager layers
-        (`graph_shape` becomes None: rows need no padding); asked-for ones raise. Under DDP the graphs
-        hand their weight gradients to autograd, whose per-parameter hooks start DDP's all-reduce."""
+        (`graph_shape` becomes None: rows need no padding); asked-for ones raise."""
         if self.graph_shape is None:
             return
         try:
             capture_cuda_graphs(self.raw_model, self.graph_shape, self.runtime.precision,
                                 accumulate_grads=self.config.grad_accum > 1,
-                                shared_grad_buffers=shared_grad_buffers(self.config, self.features),
-                                grads_in_place=not isinstance(self.model, DistributedDataParallel))
+                                shared_grad_buffers=shared_grad_buffers(self.config, self.features))
         except torch.OutOfMemoryError:
             release_cuda_graphs(self.raw_model)
             if self.config.cuda_graphs:
