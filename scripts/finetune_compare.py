@@ -67,6 +67,12 @@ def make_chat_data(path: Path, rows: int, max_tokens: int, seed: int = 0) -> Non
                 {"role": "assistant", "content": " ".join(text[question:])}]}) + "\n")
 
 
+def failure_reason(log: Path) -> str:
+    """A failed run's own message: its last `te-llama:` line (the error te-llama prints), else its last line."""
+    lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
+    return next((line for line in reversed(lines) if line.startswith("te-llama:")), lines[-1] if lines else "no output")
+
+
 def run_row(name: str, flags: list[str], args: argparse.Namespace, model: Path, data: Path) -> dict:
     out = args.out / "runs" / name
     command = [sys.executable, "-m", "te_llama", "finetune", "--model", str(model), "--data", str(data),
@@ -78,7 +84,7 @@ def run_row(name: str, flags: list[str], args: argparse.Namespace, model: Path, 
         status = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
     row = {"row": name, "flags": " ".join(flags) or "(defaults)", "status": status, "log": str(log)}
     if status:
-        return row
+        return row | {"reason": failure_reason(log)}
     steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     timed = [m for m in steps if m["kind"] == "train" and m["step"] > args.warmup]
     seconds = sum(m["step_ms"] for m in timed) / 1000
@@ -115,7 +121,7 @@ def main() -> int:
     print("| row | flags | median ms/step | useful tokens/s | pad share | vs hf |\n|---|---|---|---|---|---|")
     for r in rows:
         if "useful_tok_s" not in r:
-            print(f"| {r['row']} | {r['flags']} | failed (exit {r['status']}, {r['log']}) | | | |")
+            print(f"| {r['row']} | {r['flags']} | failed (exit {r['status']}: {r['reason']}; {r['log']}) | | | |")
             continue
         ratio = f"{r['useful_tok_s'] / base['useful_tok_s']:.2f}x" if base else "-"
         print(f"| {r['row']} | {r['flags']} | {r['median_ms']:.1f} | {r['useful_tok_s']:,.0f} | "

@@ -35,7 +35,7 @@ from pathlib import Path
 
 SCRIPTS = Path(__file__).parent
 sys.path.insert(0, str(SCRIPTS))
-from finetune_compare import make_chat_data  # noqa: E402
+from finetune_compare import failure_reason, make_chat_data  # noqa: E402
 
 PARALLEL_MODES = ("ddp", "fsdp2")
 NO_NVLS = {"NCCL_NVLS_ENABLE": "0"}
@@ -104,7 +104,7 @@ def run(row: Row, args: argparse.Namespace, model: str, data: Path) -> Row:
             row.status = f"timed out after {args.timeout} s"
             return row
     if code:
-        row.status = f"failed (exit {code})"
+        row.status = f"failed (exit {code}: {failure_reason(log)})"
         return row
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     timed = [m for m in metrics if m["kind"] == "train" and m["step"] > args.warmup]

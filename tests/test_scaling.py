@@ -51,8 +51,9 @@ def test_every_run_is_torchrun_with_nvlink_multicast_off(tmp_path, monkeypatch) 
     scaling = load_script(monkeypatch)
     calls = []
 
-    def fake_run(command, env, **kwargs):
+    def fake_run(command, env, stdout, **kwargs):
         calls.append((command, env))
+        stdout.write("loading\nte-llama: error: out of GPU memory at step 1\n")
         return subprocess.CompletedProcess(command, 1)
 
     monkeypatch.setattr(scaling.subprocess, "run", fake_run)
@@ -61,7 +62,7 @@ def test_every_run_is_torchrun_with_nvlink_multicast_off(tmp_path, monkeypatch) 
     rows = scaling.plan(args)
     for row in rows:
         scaling.run(row, args, "ckpt", tmp_path / "data.jsonl")
-    assert [row.status for row in rows] == ["failed (exit 1)"] * 3
+    assert [row.status for row in rows] == ["failed (exit 1: te-llama: error: out of GPU memory at step 1)"] * 3
     for (command, env), processes, flags in zip(calls, ["1", "2", "1"], [
             ["--precision", "bf16"], ["--precision", "bf16", "--parallel", "fsdp2"], ["--precision", "fp8"]]):
         assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", processes]
