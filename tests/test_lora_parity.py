@@ -141,3 +141,17 @@ def test_targets_the_family_does_not_have_are_refused() -> None:
     spec = te_llama.ArchitectureSpec.from_hf_config(random_hf_model("phi3-mha").config)
     with pytest.raises(LoraError, match="--lora-targets q_proj: phi3 stores q/k/v as one qkv_proj.*qkv_proj o_proj"):
         check_targets(("q_proj", "o_proj"), spec)
+
+
+def test_a_bf16_base_runs_without_autocast() -> None:
+    """FP32 adapters beside a BF16 base with no autocast around them (a plain BF16 model's forward): the
+    adapters' matmuls run in the base's dtype, as PEFT's do."""
+    hf = random_hf_model("llama3.1-gqa-llama3-rope").to(torch.bfloat16)
+    spec = te_llama.ArchitectureSpec.from_hf_config(hf.config)
+    ours = te_llama.convert(hf, backend="reference", fuse_qkv=True, lora=LoraSpec(RANK, ALPHA, 0.0,
+                                                                                  family_targets(spec)))
+    ids = torch.randint(0, hf.config.vocab_size, (2, SEQ_LEN), generator=torch.Generator().manual_seed(8))
+    logits = ours(ids, labels=ids)
+    logits.loss.backward()
+    assert logits.logits.dtype == torch.bfloat16 and torch.isfinite(logits.logits).all()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in adapter_parameters(ours).values())

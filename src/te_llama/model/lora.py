@@ -165,7 +165,8 @@ class LoraAdapters(nn.ModuleDict):
                              for _, a in adapters], dim=-1)
         else:
             low = F.linear(x, torch.cat([a.lora_A.weight for _, a in adapters]).to(x.dtype))  # (t, n r)
-        return torch.addmm(base, (low * self.lora.scaling).to(base.dtype), self._stacked_b(site, adapters).t())
+        b = self._stacked_b(site, adapters).to(base.dtype)  # FP32 adapters, the base's dtype without autocast too
+        return torch.addmm(base, (low * self.lora.scaling).to(base.dtype), b.t())
 
     def _stacked_b(self, site: str, adapters: list[tuple[Target, LoraLinear]]) -> torch.Tensor:
         """The B matrices block-diagonally, (fused out, n r), rows in the fused GEMM's order; zero rows
