@@ -337,9 +337,7 @@ def test_auto_features_are_on_only_where_exact() -> None:
     assert not several.overlap_optimizer and several.fused_loss
     gpu = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
     assert resolve_features(resolve_config(), gpu, None, 1).cuda_graphs
-    assert not resolve_features(resolve_config(), gpu, None, 2).cuda_graphs  # DDP: capture fails (see step.py)
-    with pytest.raises(ConfigError, match="--cuda-graphs cannot run here: DDP holds each parameter's gradient"):
-        resolve_features(resolve_config(cuda_graphs=True), gpu, None, 2)
+    assert resolve_features(resolve_config(), gpu, None, 2).cuda_graphs  # DDP: graphs hand their grads to its hooks
     assert not resolve_features(resolve_config(parallel="fsdp2"), gpu, None, 2).cuda_graphs
     with pytest.raises(ConfigError, match="--cuda-graphs cannot run here: FSDP2 all-gathers each layer's weights"):
         resolve_features(resolve_config(parallel="fsdp2", cuda_graphs=True), gpu, None, 2)

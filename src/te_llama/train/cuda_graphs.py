@@ -295,7 +295,8 @@ def installed_graphs(model: nn.Module) -> GraphedLayers | None:
 
 
 def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, accumulate_grads: bool = True,
-                        warmup_iters: int = 3, shared_grad_buffers: int = 0) -> GraphedLayers:
+                        warmup_iters: int = 3, shared_grad_buffers: int = 0,
+                        wgrads_in_place: bool = True) -> GraphedLayers:
     """Capture every decoder layer of a converted TE model for micro-batches of `shape`.
 
     Call after the weights are final in memory (loaded, resumed) and before training; the
@@ -304,6 +305,8 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
     layers' weight gradients instead of adding to them: no zeroing, one memory pass less.
     shared_grad_buffers=N: the layers' weight gradients share N buffer sets (`write_wgrads_in_place`),
     for `LayerwiseAdamW(reused_grad_buffers=N)` only.
+    wgrads_in_place=False: every gradient goes back through autograd, as DDP needs (its reducer
+    hears of a gradient only from the parameter's accumulation hook, which in-place writes skip).
     FP8: the graphs read FP8 weight copies kept between replays (TE's `cache_quantized_params`);
     every replay casts into them unless told the weights did not change (`track_weight_updates`).
     """
@@ -323,7 +326,7 @@ def capture_cuda_graphs(model: nn.Module, shape: StaticShape, precision: str, ac
         (torch.randn(padded_tokens, model.config.hidden_size, device=device, dtype=dtype,
                      generator=generator).requires_grad_(), sample_cu) for _ in calls)
     layers = list(decoder_layers(model))
-    grad_buffers = write_wgrads_in_place(layers, accumulate_grads, shared_grad_buffers)
+    grad_buffers = write_wgrads_in_place(layers, accumulate_grads, shared_grad_buffers) if wgrads_in_place else {}
     # The layers see the dtype they will see in training: BF16 under autocast (no cast cache
     # inside a graph), or the weights' own dtype for fp32.
     cast = contextlib.nullcontext() if precision == "fp32" else \

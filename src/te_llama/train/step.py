@@ -10,6 +10,7 @@ run has loaded its weights.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -64,7 +65,7 @@ class Features:
     """"triton" (te_llama.train.triton_adamw) on CUDA without FSDP2, else "torch" (fused AdamW on CUDA)."""
 
 
-def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any, world: int) -> str | None:
+def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any) -> str | None:
     if runtime.backend != "te":
         return f"backend {runtime.backend!r} (graphs are for TE layers): use --backend te"
     if config.activation_checkpointing:
@@ -76,10 +77,6 @@ def _graphs_blocker(config: FinetuneConfig, runtime: Runtime, model: Any, world:
     if config.parallel == "fsdp2":
         return ("FSDP2 all-gathers each layer's weights into fresh memory from hooks around the layer's call and "
                 "frees them after; a graph replays fixed addresses and runs no hooks: run one process")
-    if world > 1:
-        return ("DDP holds each parameter's gradient-accumulation node from its construction on the default "
-                "stream, and capturing a layer's backward on the capture stream then fails "
-                "(cudaErrorStreamCaptureImplicit on 2 H200s): run one process")
     return graphs_unsupported_reason(model) if model is not None else None
 
 
@@ -120,7 +117,7 @@ def resolve_features(config: FinetuneConfig, runtime: Runtime, model: Any, world
     # te-llama's Triton AdamW where it runs; backend 'hf' stays transformers + torch's fused AdamW
     ours = runtime.backend != "hf" and config.parallel != "fsdp2"
     kernel = "triton" if ours and triton_available(runtime.device) else "torch"
-    graphs = _graphs_blocker(config, runtime, model, world)
+    graphs = _graphs_blocker(config, runtime, model)
     return Features(cuda_graphs=_decide("cuda_graphs", config.cuda_graphs, graphs, log),
                     overlap_optimizer=_decide("overlap_optimizer", config.overlap_optimizer,
                                               _overlap_blocker(config, runtime, world), log),
@@ -180,7 +177,8 @@ class TrainStep:
         try:
             capture_cuda_graphs(self.raw_model, self.graph_shape, self.runtime.precision,
                                 accumulate_grads=self.config.grad_accum > 1,
-                                shared_grad_buffers=shared_grad_buffers(self.config, self.features))
+                                shared_grad_buffers=shared_grad_buffers(self.config, self.features),
+                                wgrads_in_place=self.accelerator.num_processes == 1)
         except torch.OutOfMemoryError:
             release_cuda_graphs(self.raw_model)
             if self.config.cuda_graphs:
@@ -231,6 +229,22 @@ class TrainStep:
         return loss_sum / len(micro_batches), grad_norm
 
 
+@contextlib.contextmanager
+def _side_stream(device: torch.device | None):
+    """Run the block on a fresh CUDA stream (then join it). DDP makes each parameter's gradient-accumulation
+    node when it is built, on the stream current then; a CUDA graph's backward captured later on another
+    stream must not depend on the default stream (cudaErrorStreamCaptureImplicit), so DDP is built on a
+    side stream, as torch's CUDA graphs notes prescribe."""
+    if device is None or device.type != "cuda":
+        yield
+        return
+    side, current = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    side.wait_stream(current)
+    with torch.cuda.stream(side):
+        yield
+    current.wait_stream(side)
+
+
 def build_train_step(config: FinetuneConfig, runtime: Runtime, model: Any, accelerator: Accelerator, steps: int,
                      world: int = 1, graph_shape: StaticShape | None = None) -> TrainStep:
     """The configured step for `model` (already converted; sharded here under FSDP2).
@@ -246,7 +260,8 @@ def build_train_step(config: FinetuneConfig, runtime: Runtime, model: Any, accel
     scheduler = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
     if not fsdp:  # the schedule counts global steps, so it stays outside prepare() (stepped once per process)
-        trained, optimizer = accelerator.prepare(trained, optimizer)
+        with _side_stream(runtime.device if world > 1 else None):
+            trained, optimizer = accelerator.prepare(trained, optimizer)
     clip = None
     if config.max_grad_norm > 0:
         params = [p for p in model.parameters() if p.requires_grad]
