@@ -1,6 +1,8 @@
 """Throughput of `te-llama finetune` on 1 and N GPUs: the same model, data and per-GPU batch.
 
     python3 scripts/scaling.py --preset llama2-7b --batch 8 --seq 256 --out /tmp/scaling         # 1 and 2 GPUs, DDP
+    python3 scripts/scaling.py --preset llama3-8b --batch 1 --seq 8192 --precision fp8-delayed-fastacc bf16 \\
+        --out /tmp/scaling                                                     # FP8 and BF16 on 1 and 2 GPUs
     python3 scripts/scaling.py --model ckpt/ --parallel ddp fsdp2 --best-single= --out /tmp/scaling
     python3 scripts/scaling.py --preset tiny-llama --precision fp32 --batch 2 --seq 64 --steps 4 --warmup 1 \\
         --out /tmp/scaling                                                                     # CPU: processes
@@ -10,11 +12,12 @@ after the other: one GPU (a single process: te-llama's one-GPU speed features), 
 --parallel mode. Every GPU takes a micro-batch of --batch x --seq tokens per step, so N GPUs train
 on an N times larger global batch (weak scaling). Useful tokens/s = real (non-pad) tokens of every
 GPU over the time of the steps after --warmup, from each run's metrics.jsonl; peak memory is the
-fullest GPU's. Efficiency = tokens/s / (GPUs x the one-GPU row's tokens/s); with --best-single, also
-against one GPU running those finetune flags (empty: te-llama's one-GPU defaults, FP8 on FP8 GPUs).
+fullest GPU's. Efficiency = tokens/s / (GPUs x the one-GPU row's tokens/s in the same precision);
+"vs best single" = tokens/s / (GPUs x the fastest one-GPU row's), over every --precision and the
+--best-single row (finetune flags; empty: te-llama's one-GPU defaults, FP8 on FP8 GPUs).
 
-All rows run one --precision (default bf16): `auto` resolves to FP8 on one FP8 GPU but to BF16 on
-several, which would compare precisions, not GPU counts. NVLink multicast stays off in every run
+Each --precision (default bf16) runs every GPU count: `auto` resolves to FP8 on one FP8 GPU but to
+BF16 on several, which would compare precisions, not GPU counts. NVLink multicast stays off in every run
 (NCCL_NVLS_ENABLE=0). --preset builds a random-weight checkpoint of that shape with the built-in
 tokenizer; without --data the runs train on generated chat conversations (scripts/finetune_compare.py).
 On a machine without GPUs the runs are CPU processes on gloo (a pipeline check, not a measurement).
@@ -75,12 +78,14 @@ def preset_checkpoint(preset: str, folder: Path) -> None:
 
 def plan(args: argparse.Namespace) -> list[Row]:
     rows = []
-    for gpus in args.gpus:
-        if gpus == 1:
-            rows.append(Row("1-gpu", 1, "single", ["--precision", args.precision]))
-        else:
-            rows += [Row(f"{gpus}-gpu-{mode}", gpus, mode, ["--precision", args.precision, "--parallel", mode])
-                     for mode in args.parallel]
+    for precision in args.precision:
+        tail = f"-{precision}" if len(args.precision) > 1 else ""
+        for gpus in args.gpus:
+            if gpus == 1:
+                rows.append(Row(f"1-gpu{tail}", 1, "single", ["--precision", precision]))
+            else:
+                rows += [Row(f"{gpus}-gpu-{mode}{tail}", gpus, mode, ["--precision", precision, "--parallel", mode])
+                         for mode in args.parallel]
     if args.best_single is not None:
         rows.append(Row("best-single", 1, "single", shlex.split(args.best_single)))
     return rows
@@ -122,14 +127,17 @@ def run(row: Row, args: argparse.Namespace, model: str, data: Path) -> Row:
 
 
 def add_efficiency(rows: list[Row]) -> None:
-    """Each row's tokens/s against GPUs x the one-GPU row's (same flags but the GPU count), and the best single's."""
-    one = next((r for r in rows if r.name == "1-gpu" and r.tokens_per_s), None)
-    best = next((r for r in rows if r.name == "best-single" and r.tokens_per_s), None)
+    """Each row's tokens/s against GPUs x the one-GPU row's of its precision (the same flags but the GPU
+    count), and against GPUs x the best single's: the fastest one-GPU row of any precision or flags."""
+    singles = [r for r in rows if r.gpus == 1 and r.tokens_per_s]
+    one = {r.flags[1]: r for r in singles if r.name != "best-single"}  # by --precision
+    best = max(singles, key=lambda r: r.tokens_per_s) if len(singles) > 1 or any(
+        r.name == "best-single" for r in singles) else None
     for row in rows:
         if row.tokens_per_s is None:
             continue
-        if one is not None:
-            row.efficiency = row.tokens_per_s / (row.gpus * one.tokens_per_s)
+        if row.name != "best-single" and row.flags[1] in one:
+            row.efficiency = row.tokens_per_s / (row.gpus * one[row.flags[1]].tokens_per_s)
         if best is not None:
             row.efficiency_vs_best_single = row.tokens_per_s / (row.gpus * best.tokens_per_s)
 
@@ -165,7 +173,8 @@ def main() -> int:
     parser.add_argument("--gpus", type=int, nargs="+", default=[1, 2], help="GPU counts to run (1 = one process)")
     parser.add_argument("--parallel", nargs="+", default=["ddp"], choices=PARALLEL_MODES,
                         help="modes of the runs on several GPUs")
-    parser.add_argument("--precision", default="bf16", help="every run's --precision (one for all rows)")
+    parser.add_argument("--precision", nargs="+", default=["bf16"],
+                        help="--precision of the runs: every GPU count runs in each (efficiency within a precision)")
     parser.add_argument("--best-single", metavar="FLAGS",
                         help="also run one GPU with these finetune flags and compare against it "
                              "(--best-single= for te-llama's one-GPU defaults)")

@@ -34,10 +34,11 @@ def test_scaling_runs_one_and_two_processes_and_reports_their_efficiency(tmp_pat
     assert [(r["gpus"], r["parallel"], r["status"]) for r in rows] == [
         (1, "single", "ok"), (2, "ddp", "ok"), (2, "fsdp2", "ok"), (1, "single", "ok")]
     assert [r["precision"] for r in rows] == ["fp32"] * 4  # the best single's auto resolved to fp32 on a CPU
-    one, best = rows[0]["tokens_per_s"], rows[3]["tokens_per_s"]
+    one, best = rows[0]["tokens_per_s"], max(rows[0]["tokens_per_s"], rows[3]["tokens_per_s"])  # the faster single
     for row in rows:
         assert row["tokens_per_s"] > 0 and row["peak_reserved_gib"] is None  # no GPU memory on a CPU
-        assert row["efficiency"] == pytest.approx(row["tokens_per_s"] / (row["gpus"] * one))
+        if row["name"] != "best-single":  # its own flags: no one-GPU row of the same precision
+            assert row["efficiency"] == pytest.approx(row["tokens_per_s"] / (row["gpus"] * one))
         assert row["efficiency_vs_best_single"] == pytest.approx(row["tokens_per_s"] / (row["gpus"] * best))
     # the same model and data, each run trained on its own global batch: 2 processes see twice the tokens
     metrics = {r["name"]: [json.loads(line) for line in (out / "runs" / r["name"] / "metrics.jsonl").open()]
@@ -58,7 +59,7 @@ def test_every_run_is_torchrun_with_nvlink_multicast_off(tmp_path, monkeypatch) 
 
     monkeypatch.setattr(scaling.subprocess, "run", fake_run)
     args = scaling.argparse.Namespace(out=tmp_path, steps=3, batch=2, seq=64, timeout=10, warmup=1, gpus=[1, 2],
-                                      parallel=["fsdp2"], precision="bf16", best_single="--precision fp8")
+                                      parallel=["fsdp2"], precision=["bf16"], best_single="--precision fp8")
     rows = scaling.plan(args)
     for row in rows:
         scaling.run(row, args, "ckpt", tmp_path / "data.jsonl")
@@ -68,3 +69,17 @@ def test_every_run_is_torchrun_with_nvlink_multicast_off(tmp_path, monkeypatch) 
         assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", processes]
         assert command[6:9] == ["-m", "te_llama", "finetune"] and command[-len(flags):] == flags
         assert env["NCCL_NVLS_ENABLE"] == "0"
+
+
+def test_each_precision_runs_every_gpu_count_and_the_best_single_is_the_fastest_one_gpu_row(monkeypatch) -> None:
+    scaling = load_script(monkeypatch)
+    args = scaling.argparse.Namespace(gpus=[1, 2], parallel=["ddp"], precision=["fp8", "bf16"], best_single=None)
+    rows = scaling.plan(args)
+    assert [(r.name, r.flags) for r in rows] == [
+        ("1-gpu-fp8", ["--precision", "fp8"]), ("2-gpu-ddp-fp8", ["--precision", "fp8", "--parallel", "ddp"]),
+        ("1-gpu-bf16", ["--precision", "bf16"]), ("2-gpu-ddp-bf16", ["--precision", "bf16", "--parallel", "ddp"])]
+    for row, speed in zip(rows, [1500.0, 2700.0, 1000.0, 1900.0]):
+        row.tokens_per_s = speed
+    scaling.add_efficiency(rows)
+    assert [r.efficiency for r in rows] == pytest.approx([1.0, 0.9, 1.0, 0.95])  # within each precision
+    assert [r.efficiency_vs_best_single for r in rows] == pytest.approx([1.0, 0.9, 1000 / 1500, 1900 / 3000])

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from ..model.builtin import SAMPLE_TEXT, asset_path
@@ -207,7 +207,9 @@ def start_run(config: FinetuneConfig) -> Run:
     resolved = {"backend": runtime.backend,  # "fp8" recorded as the recipe it stands for today
                 "precision": DEFAULT_FP8 if runtime.precision == "fp8" else runtime.precision,
                 "param_dtype": str(runtime.param_dtype).removeprefix("torch.")}
-    accelerator = Accelerator(cpu=runtime.device.type == "cpu")
+    # DDP's gradients as views of its all-reduce buckets: one copy of the gradients, not two
+    accelerator = Accelerator(cpu=runtime.device.type == "cpu",
+                              kwargs_handlers=[DistributedDataParallelKwargs(gradient_as_bucket_view=True)])
     main, world = accelerator.is_main_process, accelerator.num_processes
     if world > 1 and runtime.device.type == "cuda":
         runtime.device = accelerator.device
