@@ -59,7 +59,8 @@ def test_every_run_is_torchrun_with_nvlink_multicast_off(tmp_path, monkeypatch) 
 
     monkeypatch.setattr(scaling.subprocess, "run", fake_run)
     args = scaling.argparse.Namespace(out=tmp_path, steps=3, batch=2, seq=64, timeout=10, warmup=1, gpus=[1, 2],
-                                      parallel=["fsdp2"], precision=["bf16"], best_single="--precision fp8")
+                                      parallel=["fsdp2"], precision=["bf16"], best_single="--precision fp8",
+                                      flags="--no-cuda-graphs")
     rows = scaling.plan(args)
     for row in rows:
         scaling.run(row, args, "ckpt", tmp_path / "data.jsonl")
@@ -68,6 +69,7 @@ def test_every_run_is_torchrun_with_nvlink_multicast_off(tmp_path, monkeypatch) 
             ["--precision", "bf16"], ["--precision", "bf16", "--parallel", "fsdp2"], ["--precision", "fp8"]]):
         assert command[1:6] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", processes]
         assert command[6:9] == ["-m", "te_llama", "finetune"] and command[-len(flags):] == flags
+        assert command[-len(flags) - 1] == "--no-cuda-graphs"  # --flags: every run's
         assert env["NCCL_NVLS_ENABLE"] == "0"
 
 
