@@ -334,17 +334,15 @@ def test_auto_features_are_on_only_where_exact() -> None:
     assert not resolve_features(resolve_config(max_grad_norm=0.0, activation_checkpointing=True), cpu, None,
                                 1).overlap_optimizer
     several = resolve_features(resolve_config(max_grad_norm=0.0), cpu, None, 2)  # the fused loss runs in LossModel
-    assert several.overlap_optimizer and several.fused_loss  # DDP: each bucket updated once reduced
-    assert not resolve_features(resolve_config(max_grad_norm=0.0, parallel="fsdp2"), cpu, None, 2).overlap_optimizer
+    assert not several.overlap_optimizer and several.fused_loss
     gpu = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)
     assert resolve_features(resolve_config(), gpu, None, 1).cuda_graphs
     assert resolve_features(resolve_config(), gpu, None, 2).cuda_graphs  # DDP: graphs hand their grads to its hooks
     assert not resolve_features(resolve_config(parallel="fsdp2"), gpu, None, 2).cuda_graphs
     with pytest.raises(ConfigError, match="--cuda-graphs cannot run here: FSDP2 all-gathers each layer's weights"):
         resolve_features(resolve_config(parallel="fsdp2", cuda_graphs=True), gpu, None, 2)
-    assert resolve_features(resolve_config(overlap_optimizer=True), gpu, None, 2).overlap_optimizer
-    with pytest.raises(ConfigError, match="--overlap-optimizer cannot run here: FSDP2 reduce-scatters"):
-        resolve_features(resolve_config(overlap_optimizer=True, parallel="fsdp2"), gpu, None, 2)
+    with pytest.raises(ConfigError, match="--overlap-optimizer cannot run here: DDP and FSDP2 reduce gradients"):
+        resolve_features(resolve_config(overlap_optimizer=True), gpu, None, 2)
     baseline = Runtime(torch.device("cuda"), "hf", "bf16", torch.bfloat16)  # transformers as is, on any device
     features = resolve_features(resolve_config(max_grad_norm=0.0), baseline, None, 1)
     assert (features.fused_loss, features.overlap_optimizer, features.optimizer_kernel) == (False, False, "torch")

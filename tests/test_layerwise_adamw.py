@@ -149,3 +149,25 @@ def test_step_updates_a_layer_whose_backward_hook_did_not_fire() -> None:
     assert all(not torch.equal(w, b) for w, b in zip(weights[1:], before[1:]))
     optimizer.step()
     assert not torch.equal(weights[0], before[0]), "step() must update the layers backward did not"
+
+
+@pytest.mark.parametrize("saved_overlap", [True, False])
+def test_optimizer_state_loads_whichever_way_the_resumed_run_updates(saved_overlap: bool) -> None:
+    """A resumed run may update during backward (one process, --grad-accum 1) where the saved one updated
+    after it (--grad-accum 2, several processes), or the reverse: both optimizers have one group per layer."""
+    from te_llama.train.config import resolve_config
+    from te_llama.train.step import Features, Runtime, make_optimizer
+
+    def optimizer(model, overlap: bool) -> torch.optim.Optimizer:
+        features = Features(cuda_graphs=False, overlap_optimizer=overlap, fused_loss=False, optimizer_kernel="torch")
+        runtime = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
+        return make_optimizer(resolve_config(), runtime, model, features)
+
+    model = model_for("reference")
+    saved = optimizer(model, saved_overlap)
+    train(model, saved, batches(model.config.vocab_size, 1))
+    resumed = optimizer(model, not saved_overlap)
+    assert isinstance(resumed, LayerwiseAdamW) == (not saved_overlap)
+    resumed.load_state_dict(saved.state_dict())
+    assert len(resumed.param_groups) == len(decoder_layers(model)) + 1
+    assert all(int(resumed.state[p]["step"]) == 1 for p in model.parameters())

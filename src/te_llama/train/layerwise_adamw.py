@@ -6,11 +6,9 @@ The update is memory-bound and the backward's GEMMs are compute-bound, so starti
 update while layer i-1's backward runs lets the two share the GPU.
 
 What it needs: a layer's gradients must be final when its backward ends. So one backward per
-optimizer step (no gradient accumulation) and no clipping by the global gradient norm (which
-needs every gradient first). A second backward before `step()` raises. The embeddings, the final
-norm and the lm_head are updated in `step()`. Under DDP a gradient is final only once its bucket's
-all-reduce is done: there `overlap_with_ddp` updates each bucket's parameters from DDP's
-communication hook (`update_reduced`), after the all-reduce, on the stream DDP's future gives it.
+optimizer step (no gradient accumulation), no clipping by the global gradient norm (which
+needs every gradient first) and no gradient all-reduce (one process). A second backward before
+`step()` raises. The embeddings, the final norm and the lm_head are updated in `step()`.
 
 It is a `torch.optim.AdamW` with one parameter group per decoder layer (and one for the rest):
 `state_dict`, learning-rate schedulers and `zero_grad` behave as usual, and on CPU the layer
@@ -20,7 +18,6 @@ updates simply run inline.
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,7 +49,7 @@ class LayerwiseAdamW(torch.optim.AdamW):
         """reused_grad_buffers=N: layer i's weight gradients live in buffer set i % N
         (`capture_cuda_graphs(shared_grad_buffers=N)`); the backward of each layer then waits
         for the update of the layer N above it, the buffer's previous user. in_backward=False: no
-        layer hooks (every update in `step()`, or from DDP's hook: `overlap_with_ddp`)."""
+        layer hooks: every update in `step()`."""
         if in_backward and getattr(model, "is_gradient_checkpointing", False):
             raise ValueError("LayerwiseAdamW cannot run with activation checkpointing: recomputed layers run their "
                              "forward again inside backward; turn one of the two off")
@@ -77,11 +74,6 @@ class LayerwiseAdamW(torch.optim.AdamW):
         device = next(p.device for group in groups for p in group["params"])
         self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._stepped: set[int] = set()  # groups updated since the last step()
-        self._reduced: set[int] = set()  # parameters (id) updated from DDP's hook since the last step()
-        self._group_of = {id(p): index for index, group in enumerate(self.param_groups) for p in group["params"]}
-        """Parameter -> its group's index (`load_state_dict`, which accelerate's prepare calls, replaces the
-        group dicts; their order stays)."""
-        self._reduced_lock = threading.Lock()
         self._hooks = []
         self._layers = [layer for layer, params in zip(layers, layer_groups) if params] if in_backward else []
         """Group i's layer, for the groups updated from backward hooks."""
@@ -115,22 +107,6 @@ class LayerwiseAdamW(torch.optim.AdamW):
             previous_user = self._updated.get(group_index - 1 + self._reused_grad_buffers)
             if previous_user is not None:
                 main.wait_event(previous_user)
-
-    def update_reduced(self, params: Sequence[nn.Parameter]) -> None:
-        """Update `params` now from their `.grad`, all-reduced by DDP (its communication hook, once the
-        bucket's all-reduce is done). `step()` then leaves them alone. Gloo runs the hooks' callbacks on
-        its own threads, several at once: one update at a time."""
-        with self._reduced_lock:
-            if any(id(p) in self._reduced for p in params):
-                raise RuntimeError("LayerwiseAdamW updates each parameter during backward, so it takes exactly "
-                                   "one backward per optimizer step: call step() after each backward (no gradient "
-                                   "accumulation)")
-            self._reduced.update(id(p) for p in params)
-            subsets: dict[int, dict] = {}
-            for param in params:
-                group = self.param_groups[self._group_of[id(param)]]
-                subsets.setdefault(id(group), group | {"params": []})["params"].append(param)
-            self._update(list(subsets.values()))
 
     def _update(self, groups: list[dict]) -> None:
         """AdamW's own step on some of the groups (it walks `self.param_groups`), or the Triton kernel's."""
@@ -169,40 +145,9 @@ class LayerwiseAdamW(torch.optim.AdamW):
         if pending_layers:  # layers whose backward hook did not fire (e.g. the input needed no gradient)
             self._update([self.param_groups[i] for i in pending_layers])
         rest = [g for i, g in enumerate(self.param_groups) if i >= len(self._layers)]
-        if self._reduced:  # DDP's hook updated these
-            rest = [g | {"params": [p for p in g["params"] if id(p) not in self._reduced]} for g in rest]
-            rest = [g for g in rest if g["params"]]
         if rest:
             self._update(rest)
         if self._side_stream is not None:
             torch.cuda.current_stream().wait_stream(self._side_stream)
         self._stepped.clear()
         self._updated.clear()
-        self._reduced.clear()
-
-
-def overlap_with_ddp(ddp_model: nn.Module, optimizer: LayerwiseAdamW) -> None:
-    """Update each DDP bucket's parameters as soon as its all-reduce is done, inside backward.
-
-    DDP's communication hook all-reduces the bucket (its average, as DDP does without a hook), then
-    the future's callback runs `optimizer.update_reduced` on the bucket's parameters, whose `.grad`
-    are views of the reduced bucket (`gradient_as_bucket_view=True`). DDP waits for every hook's
-    future before backward returns, so the next forward sees the updated weights.
-    """
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    if not getattr(ddp_model, "gradient_as_bucket_view", False):
-        raise ValueError("overlap_with_ddp reads the reduced gradients through .grad: build DDP with "
-                         "gradient_as_bucket_view=True")
-
-    def allreduce_then_update(process_group, bucket):  # unannotated: DDP checks a hook's annotations
-        params = bucket.parameters()
-
-        def update(reduced: torch.futures.Future) -> torch.Tensor:
-            optimizer.update_reduced(params)
-            return reduced.value()
-
-        return allreduce_hook(process_group, bucket).then(update)
-
-    ddp_model.register_comm_hook(None, allreduce_then_update)
-

@@ -35,7 +35,7 @@ from .cuda_graphs import (
     release_cuda_graphs,
 )
 from .faults import out_of_memory
-from .layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW, overlap_with_ddp, param_groups_by_layer
+from .layerwise_adamw import GRAD_BUFFER_SETS, LayerwiseAdamW, param_groups_by_layer
 from .loss import LossModel, chunk_tokens
 from .parallel import shard_fsdp2
 
@@ -87,10 +87,10 @@ def _overlap_blocker(config: FinetuneConfig, runtime: Runtime, world: int) -> st
         return "gradients are final only after the last micro-batch: use --grad-accum 1"
     if config.max_grad_norm > 0:
         return "clipping by the global norm needs every gradient before any update: use --max-grad-norm 0"
-    if config.parallel == "fsdp2":
-        return ("FSDP2 reduce-scatters each layer's gradients asynchronously and hands the shards back only at the "
-                "end of backward; a layer updated during backward would use its own process's gradient: "
-                "use --parallel ddp")
+    if world > 1 or config.parallel == "fsdp2":
+        return ("DDP and FSDP2 reduce gradients across processes asynchronously, in buckets, and hand the reduced "
+                "values back only at the end of backward; a layer updated during backward would use its own "
+                "process's gradient: run one process")
     if config.activation_checkpointing:
         return "activation checkpointing re-runs layers inside backward: drop --activation-checkpointing"
     return None
@@ -125,30 +125,26 @@ def resolve_features(config: FinetuneConfig, runtime: Runtime, model: Any, world
                     optimizer_kernel=kernel)
 
 
-def make_optimizer(config: FinetuneConfig, runtime: Runtime, model: Any, features: Features,
-                   world: int = 1) -> torch.optim.Optimizer:
-    """AdamW: per decoder layer during backward (overlap; under DDP per gradient bucket), or after
-    backward; Triton's update kernel where it runs. One parameter group per layer in every case."""
+def make_optimizer(config: FinetuneConfig, runtime: Runtime, model: Any, features: Features) -> torch.optim.Optimizer:
+    """AdamW: per decoder layer during backward (overlap), or after backward; Triton's update kernel
+    where it runs. One parameter group per layer either way, so a checkpoint's optimizer state loads
+    whichever way the resumed run updates (another --grad-accum, another number of processes)."""
     groups = param_groups_by_layer(model, decoder_layers(model))
     adamw = {"lr": config.learning_rate, "weight_decay": config.weight_decay, "fused": runtime.device.type == "cuda"}
-    during = ", each gradient bucket updated during backward once all-reduced" if world > 1 else \
-        ", each layer updated during backward"
-    logger.info("optimizer: AdamW, %s kernel%s", features.optimizer_kernel, during if features.overlap_optimizer else "")
+    logger.info("optimizer: AdamW, %s kernel%s", features.optimizer_kernel,
+                ", each layer updated during backward" if features.overlap_optimizer else "")
     if not features.overlap_optimizer and features.optimizer_kernel == "torch":
         return torch.optim.AdamW(groups, **adamw)
-    # several processes: DDP's communication hook drives the updates (overlap_with_ddp), not the layers
-    return LayerwiseAdamW(model, decoder_layers(model), kernel=features.optimizer_kernel,
-                          reused_grad_buffers=shared_grad_buffers(config, features, world),
-                          in_backward=features.overlap_optimizer and world == 1, **adamw)
+    return LayerwiseAdamW(model, decoder_layers(model), reused_grad_buffers=shared_grad_buffers(config, features),
+                          kernel=features.optimizer_kernel, in_backward=features.overlap_optimizer, **adamw)
 
 
-def shared_grad_buffers(config: FinetuneConfig, features: Features, world: int) -> int:
-    """Gradient buffer sets graphed layers share: with the overlapped optimizer in one process, each layer's
-    update consumes its gradients during backward, so two sets serve every layer (fused Q/K/V layout). None
-    with LoRA (the layers' GEMM weights are frozen, and the adapters' gradients are small) or under DDP
-    (its buckets hold the gradients)."""
+def shared_grad_buffers(config: FinetuneConfig, features: Features) -> int:
+    """Gradient buffer sets graphed layers share: with the overlapped optimizer, each layer's update
+    consumes its gradients during backward, so two sets serve every layer (fused Q/K/V layout). None
+    with LoRA: the layers' GEMM weights are frozen, and the adapters' gradients are small."""
     return GRAD_BUFFER_SETS if features.overlap_optimizer and features.cuda_graphs and config.fuse_qkv and \
-        not config.lora and world == 1 else 0
+        not config.lora else 0
 
 
 class TrainStep:
@@ -181,8 +177,7 @@ class TrainStep:
         try:
             capture_cuda_graphs(self.raw_model, self.graph_shape, self.runtime.precision,
                                 accumulate_grads=self.config.grad_accum > 1,
-                                shared_grad_buffers=shared_grad_buffers(self.config, self.features,
-                                                                        self.accelerator.num_processes),
+                                shared_grad_buffers=shared_grad_buffers(self.config, self.features),
                                 wgrads_in_place=self.accelerator.num_processes == 1)
         except torch.OutOfMemoryError:
             release_cuda_graphs(self.raw_model)
@@ -261,15 +256,12 @@ def build_train_step(config: FinetuneConfig, runtime: Runtime, model: Any, accel
     fsdp = config.parallel == "fsdp2"
     if fsdp:  # before the optimizer: sharding replaces the parameters
         shard_fsdp2(model, root=trained)
-    optimizer = make_optimizer(config, runtime, model, features, world)
+    optimizer = make_optimizer(config, runtime, model, features)
     scheduler = get_scheduler(config.schedule if config.schedule != "constant" else "constant_with_warmup",
                               optimizer, num_warmup_steps=int(config.warmup_ratio * steps), num_training_steps=steps)
     if not fsdp:  # the schedule counts global steps, so it stays outside prepare() (stepped once per process)
         with _side_stream(runtime.device if world > 1 else None):
-            layerwise = optimizer
             trained, optimizer = accelerator.prepare(trained, optimizer)
-        if world > 1 and features.overlap_optimizer:
-            overlap_with_ddp(trained, layerwise)
     clip = None
     if config.max_grad_norm > 0:
         params = [p for p in model.parameters() if p.requires_grad]
