@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -262,6 +263,8 @@ def build_train_step(config: FinetuneConfig, runtime: Runtime, model: Any, accel
     if not fsdp:  # the schedule counts global steps, so it stays outside prepare() (stepped once per process)
         with _side_stream(runtime.device if world > 1 else None):
             trained, optimizer = accelerator.prepare(trained, optimizer)
+        if world > 1:  # by design (_side_stream): each gradient is accumulated on DDP's stream
+            warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
     clip = None
     if config.max_grad_norm > 0:
         params = [p for p in model.parameters() if p.requires_grad]
