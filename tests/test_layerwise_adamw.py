@@ -171,3 +171,28 @@ def test_optimizer_state_loads_whichever_way_the_resumed_run_updates(saved_overl
     resumed.load_state_dict(saved.state_dict())
     assert len(resumed.param_groups) == len(decoder_layers(model)) + 1
     assert all(int(resumed.state[p]["step"]) == 1 for p in model.parameters())
+
+
+def test_a_one_group_optimizer_state_from_earlier_versions_loads_into_the_layer_groups(tmp_path) -> None:
+    """Earlier te-llama saved AdamW with one group (--grad-accum > 1, several processes); resuming such a
+    checkpoint maps each parameter's moments to it in today's per-layer groups."""
+    from te_llama.errors import CheckpointError
+    from te_llama.train.checkpoints import in_group_layout
+    from te_llama.train.config import resolve_config
+    from te_llama.train.step import Features, Runtime, make_optimizer
+
+    model = model_for("reference")
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    old = torch.optim.AdamW(trainable, **ADAMW)
+    train(model, old, batches(model.config.vocab_size, 1))
+    features = Features(cuda_graphs=False, overlap_optimizer=False, fused_loss=False, optimizer_kernel="torch")
+    new = make_optimizer(resolve_config(), Runtime(torch.device("cpu"), "reference", "fp32", torch.float32), model,
+                         features)
+    new.load_state_dict(in_group_layout(old.state_dict(), new, model, tmp_path / "state.pt"))
+    assert len(new.param_groups) > 1
+    for param in trainable:
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(new.state[param][key], old.state[param][key]), key
+    with pytest.raises(CheckpointError, match="2 parameter groups"):
+        in_group_layout(old.state_dict() | {"param_groups": old.state_dict()["param_groups"] * 2}, new, model,
+                        tmp_path / "state.pt")

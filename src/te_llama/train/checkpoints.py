@@ -304,7 +304,30 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, tr
             load_trainable_state(model, state["model"], path / STATE_FILE)
         else:
             model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    optimizer.load_state_dict(in_group_layout(state["optimizer"], optimizer, model, path / STATE_FILE))
     scheduler.load_state_dict(state["scheduler"])
     restore_rng_states(state["rng"])
     return position
+
+
+def in_group_layout(saved: dict, optimizer, model: torch.nn.Module, file: Path) -> dict:
+    """An optimizer state in `optimizer`'s parameter groups. Earlier te-llama versions saved one group
+    (with --grad-accum above 1 or several processes), today one per decoder layer: the same parameters
+    in another order, mapped through the model's trainable parameters (the old group's order)."""
+    groups, old = optimizer.param_groups, saved["param_groups"]
+    if len(old) == len(groups):
+        return saved
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if len(old) != 1 or len(old[0]["params"]) != len(trainable):
+        raise CheckpointError(f"{file}: its optimizer state has {len(old)} parameter groups, this run's optimizer "
+                              f"{len(groups)}; resume with the settings the run started with")
+    index_of = {id(p): index for p, index in zip(trainable, old[0]["params"])}
+    state, layout, position = {}, [], 0
+    for group in groups:
+        indices = list(range(position, position + len(group["params"])))
+        for new, param in zip(indices, group["params"]):
+            if index_of[id(param)] in saved["state"]:
+                state[new] = saved["state"][index_of[id(param)]]
+        layout.append(old[0] | {"params": indices})
+        position += len(indices)
+    return {"state": state, "param_groups": layout}
