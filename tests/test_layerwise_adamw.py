@@ -173,26 +173,51 @@ def test_optimizer_state_loads_whichever_way_the_resumed_run_updates(saved_overl
     assert all(int(resumed.state[p]["step"]) == 1 for p in model.parameters())
 
 
-def test_a_one_group_optimizer_state_from_earlier_versions_loads_into_the_layer_groups(tmp_path) -> None:
-    """Earlier te-llama saved AdamW with one group (--grad-accum > 1, several processes); resuming such a
-    checkpoint maps each parameter's moments to it in today's per-layer groups."""
+def test_a_checkpoint_with_one_optimizer_group_resumes_into_the_layer_groups(tmp_path) -> None:
+    """Earlier te-llama saved AdamW with one group (--grad-accum > 1, several processes). Resumed through
+    `load_checkpoint` into today's per-layer groups, each parameter gets its own moments and every group
+    follows the saved schedule: the same training, bit for bit, as the one-group run continued."""
+    from transformers import get_scheduler
+
     from te_llama.errors import CheckpointError
-    from te_llama.train.checkpoints import in_group_layout
+    from te_llama.train.checkpoints import Position, in_group_layout, load_checkpoint, save_checkpoint
     from te_llama.train.config import resolve_config
     from te_llama.train.step import Features, Runtime, make_optimizer
 
+    def schedule(optimizer):
+        return get_scheduler("linear", optimizer, num_warmup_steps=2, num_training_steps=6)
+
+    def steps(model, optimizer, scheduler, data) -> list[float]:
+        losses = []
+        for ids in data:
+            loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        return losses
+
     model = model_for("reference")
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    old = torch.optim.AdamW(trainable, **ADAMW)
-    train(model, old, batches(model.config.vocab_size, 1))
+    data = batches(model.config.vocab_size, 4)
+    old = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], **ADAMW, **SINGLE_TENSOR)
+    old_schedule = schedule(old)
+    steps(model, old, old_schedule, data[:2])
+    path = save_checkpoint(tmp_path, Position(step=2), model, old, old_schedule, keep_last=1)
+    continued, continued_opt, continued_schedule = copy.deepcopy((model, old, old_schedule))
+    want = steps(continued, continued_opt, continued_schedule, data[2:])
+
+    resumed = model_for("reference")
     features = Features(cuda_graphs=False, overlap_optimizer=False, fused_loss=False, optimizer_kernel="torch")
-    new = make_optimizer(resolve_config(), Runtime(torch.device("cpu"), "reference", "fp32", torch.float32), model,
-                         features)
-    new.load_state_dict(in_group_layout(old.state_dict(), new, model, tmp_path / "state.pt"))
-    assert len(new.param_groups) > 1
-    for param in trainable:
-        for key in ("exp_avg", "exp_avg_sq", "step"):
-            assert torch.equal(new.state[param][key], old.state[param][key]), key
+    runtime = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
+    optimizer = make_optimizer(resolve_config(), runtime, resumed, features)
+    scheduler = schedule(optimizer)
+    load_checkpoint(path, resumed, optimizer, scheduler)
+    assert len(optimizer.param_groups) == len(decoder_layers(resumed)) + 1
+    assert steps(resumed, optimizer, scheduler, data[2:]) == want
+    assert {group["lr"] for group in optimizer.param_groups} == {continued_opt.param_groups[0]["lr"]}
+    for (name, got), expected in zip(resumed.named_parameters(), continued.parameters()):
+        assert torch.equal(got, expected), name
+    saved = old.state_dict()
     with pytest.raises(CheckpointError, match="2 parameter groups"):
-        in_group_layout(old.state_dict() | {"param_groups": old.state_dict()["param_groups"] * 2}, new, model,
-                        tmp_path / "state.pt")
+        in_group_layout(saved | {"param_groups": saved["param_groups"] * 2}, optimizer, resumed, path)

@@ -304,10 +304,20 @@ def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler, tr
             load_trainable_state(model, state["model"], path / STATE_FILE)
         else:
             model.load_state_dict(state["model"])
+    saved_groups = len(state["optimizer"]["param_groups"])
     optimizer.load_state_dict(in_group_layout(state["optimizer"], optimizer, model, path / STATE_FILE))
-    scheduler.load_state_dict(state["scheduler"])
+    scheduler.load_state_dict(per_group_schedule(state["scheduler"], saved_groups, len(optimizer.param_groups)))
     restore_rng_states(state["rng"])
     return position
+
+
+def per_group_schedule(saved: dict, saved_groups: int, groups: int) -> dict:
+    """A learning-rate schedule's state saved for one parameter group, for `groups` groups (see
+    `in_group_layout`): its per-group lists repeated (te-llama's groups share every setting)."""
+    if saved_groups == groups:
+        return saved
+    return saved | {key: value * groups for key, value in saved.items()
+                    if key in ("base_lrs", "_last_lr", "lr_lambdas") and isinstance(value, list) and len(value) == 1}
 
 
 def in_group_layout(saved: dict, optimizer, model: torch.nn.Module, file: Path) -> dict:

@@ -12,9 +12,10 @@ to `max_docs + 1` entries with zero-length documents. Any other batch, and every
 without gradients (eval, generate), runs the layers eagerly on the same weights. The
 precision is the one given at capture.
 
-Gradients: with fused Q/K/V (the default), TE's GEMMs write each weight's gradient straight
-into a persistent buffer that is bound as its `.grad` at every training forward
-(`write_wgrads_in_place`), so the graphs keep no second copy of the gradients.
+Gradients: in one process with fused Q/K/V (the default), TE's GEMMs write each weight's gradient
+straight into a persistent buffer that is bound as its `.grad` at every training forward
+(`write_wgrads_in_place`), so the graphs keep no second copy of the gradients. Under DDP they
+hand every gradient to autograd, whose accumulation hooks DDP's reducer listens to.
 """
 
 from __future__ import annotations
@@ -373,10 +374,11 @@ def release_cuda_graphs(model: nn.Module) -> None:
         torch.cuda.empty_cache()
 
 
-def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: int, cap: int | None = None
-                      ) -> tuple[bool, str]:
+def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: int, cap: int | None = None,
+                      grads_allocated: bool = False) -> tuple[bool, str]:
     """After capture: is there still room for what training allocates later (AdamW's two
     moments, the gradients not written in place, `headroom_bytes` for logits and the rest)?
+    grads_allocated: every gradient already has its memory (DDP's buckets, made before capture).
 
     A graph keeps its activation memory reserved for good, so it can fit at capture and
     still run the first optimizer step out of memory; this checks before that happens.
@@ -385,7 +387,8 @@ def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: in
     in_place = {id(w) for weights in graphs.grad_buffers.values() for w in weights} if graphs else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
     moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
-    other_grads = sum(p.numel() * p.element_size() for p in trainable if id(p) not in in_place)
+    other_grads = 0 if grads_allocated else \
+        sum(p.numel() * p.element_size() for p in trainable if id(p) not in in_place)
     need = moments + other_grads + headroom_bytes
     have = available_bytes(device, cap)
     return have >= need, f"{have / 2**30:.1f} GiB free after capture, {need / 2**30:.1f} GiB needed later"

@@ -128,9 +128,12 @@ def resolve_features(config: FinetuneConfig, runtime: Runtime, model: Any, world
 
 def make_optimizer(config: FinetuneConfig, runtime: Runtime, model: Any, features: Features) -> torch.optim.Optimizer:
     """AdamW: per decoder layer during backward (overlap), or after backward; Triton's update kernel
-    where it runs. One parameter group per layer either way, so a checkpoint's optimizer state loads
-    whichever way the resumed run updates (another --grad-accum, another number of processes)."""
-    groups = param_groups_by_layer(model, decoder_layers(model))
+    where it runs."""
+    # one group per layer where LayerwiseAdamW may run (backends te and reference, one process or DDP), so
+    # the state loads whichever way a resumed run updates; one group for transformers' baseline and FSDP2
+    layered = runtime.backend != "hf" and config.parallel != "fsdp2"
+    groups = param_groups_by_layer(model, decoder_layers(model)) if layered else \
+        [{"params": [p for p in model.parameters() if p.requires_grad]}]
     adamw = {"lr": config.learning_rate, "weight_decay": config.weight_decay, "fused": runtime.device.type == "cuda"}
     logger.info("optimizer: AdamW, %s kernel%s", features.optimizer_kernel,
                 ", each layer updated during backward" if features.overlap_optimizer else "")
@@ -190,7 +193,7 @@ class TrainStep:
             self.graph_shape = None
             return
         fits, detail = graphs_leave_room(self.raw_model, self.runtime.device, self.loss_bytes() + 2 * 2**30,
-                                         self.runtime.memory_cap)
+                                         self.runtime.memory_cap, grads_allocated=self.accelerator.num_processes > 1)
         if not fits:
             release_cuda_graphs(self.raw_model)
             message = (f"CUDA graphs keep their activation memory reserved and would leave too little for the "
@@ -263,8 +266,12 @@ def build_train_step(config: FinetuneConfig, runtime: Runtime, model: Any, accel
     if not fsdp:  # the schedule counts global steps, so it stays outside prepare() (stepped once per process)
         with _side_stream(runtime.device if world > 1 else None):
             trained, optimizer = accelerator.prepare(trained, optimizer)
-        if world > 1:  # by design (_side_stream): each gradient is accumulated on DDP's stream
-            warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
+        if world > 1:  # by design (_side_stream): each gradient is accumulated on the stream DDP was built on
+            quiet = getattr(torch.autograd.graph, "set_warn_on_accumulate_grad_stream_mismatch", None)
+            if quiet is not None:
+                quiet(False)
+            else:
+                warnings.filterwarnings("ignore", message="The AccumulateGrad node's stream does not match")
     clip = None
     if config.max_grad_norm > 0:
         params = [p for p in model.parameters() if p.requires_grad]
