@@ -33,8 +33,9 @@ backward run while the update of the layer above still reads its gradients."""
 
 
 def param_groups_by_layer(model: nn.Module, layers: Sequence[nn.Module]) -> list[dict]:
-    """One parameter group per decoder layer with trainable parameters, then one for the rest: every
-    te-llama optimizer has this layout, so its state loads whichever way the next run updates."""
+    """One parameter group per decoder layer with trainable parameters, then one for the rest: the layout of
+    every optimizer of te-llama's own layers outside FSDP2, so its state loads whichever way a resumed run
+    updates (during backward or after it)."""
     layer_groups = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
     in_layers = {id(p) for params in layer_groups for p in params}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in in_layers]
