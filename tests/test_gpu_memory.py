@@ -30,10 +30,14 @@ def test_max_memory_sets_the_per_process_fraction(monkeypatch) -> None:
         gpu_memory.limit_memory(cuda, 81)
 
 
-def test_available_memory_stays_within_the_cap(monkeypatch) -> None:
+def test_available_memory_counts_no_cached_block_and_stays_within_the_cap(monkeypatch) -> None:
+    emptied = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: emptied.append(True))
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (50 * 2**30, 80 * 2**30))
-    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * 2**30)
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: 30 * 2**30)  # a graph pool's slack in it
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: 20 * 2**30)
     cuda = torch.device("cuda", 0)
-    assert gpu_memory.available_bytes(cuda, None) == 60 * 2**30  # free + cached
-    assert gpu_memory.available_bytes(cuda, 40 * 2**30) == 20 * 2**30  # cap - allocated
+    assert gpu_memory.available_bytes(cuda, None) == 50 * 2**30  # free after empty_cache, not + reserved slack
+    assert emptied == [True]
+    assert gpu_memory.available_bytes(cuda, 40 * 2**30) == 10 * 2**30  # cap - reserved
+    assert gpu_memory.available_bytes(cuda, 100 * 2**30) == 50 * 2**30  # the GPU's free memory below a loose cap

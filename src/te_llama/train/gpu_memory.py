@@ -33,7 +33,9 @@ def limit_memory(device: torch.device, max_memory_gib: float | None) -> int | No
 
 
 def available_bytes(device: torch.device, cap: int | None) -> int:
-    """What the allocator can still hand out: free GPU memory plus its own cached blocks, within the cap."""
+    """What ordinary allocations can still get, within the cap: free GPU memory once the allocator has
+    returned its unused cached blocks. (Blocks cached in a CUDA graph's private pool stay reserved and
+    serve only that graph's replays, so counting them as free overstates the room by the pool's slack.)"""
+    torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info(device)
-    have = free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
-    return have if cap is None else min(have, cap - torch.cuda.memory_allocated(device))
+    return free if cap is None else min(free, cap - torch.cuda.memory_reserved(device))
