@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -41,3 +43,15 @@ def test_available_memory_counts_no_cached_block_and_stays_within_the_cap(monkey
     assert emptied == [True]
     assert gpu_memory.available_bytes(cuda, 40 * 2**30) == 10 * 2**30  # cap - reserved
     assert gpu_memory.available_bytes(cuda, 100 * 2**30) == 50 * 2**30  # the GPU's free memory below a loose cap
+
+
+def test_expandable_segments_unless_the_user_set_the_allocator_or_runs_the_hf_baseline(monkeypatch) -> None:
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "restored after the test")
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    gpu_memory.prefer_expandable_segments("hf")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ
+    gpu_memory.prefer_expandable_segments("te")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
+    gpu_memory.prefer_expandable_segments("auto")
+    assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"

@@ -22,7 +22,7 @@ from ..model.peft_adapter import load_peft_adapter
 from ..precision import FP8_PRECISIONS, auto_precision, check_precision_available
 from .config import ConfigError, FinetuneConfig
 from .data import DataError
-from .gpu_memory import limit_memory
+from .gpu_memory import limit_memory, prefer_expandable_segments
 from .lora_run import check_fp8_base, fp8_base_precision, fp8_base_recipe, model_config, peft_model, resolve_lora
 from .step import Runtime
 
@@ -31,6 +31,7 @@ logger = logging.getLogger(__name__)
 
 def resolve_runtime(config: FinetuneConfig) -> Runtime:
     """'auto' resolved for this machine; combinations that cannot run here refused with the fix."""
+    prefer_expandable_segments(config.backend)
     cuda = torch.cuda.is_available()
     backend = config.backend if config.backend != "auto" else ("te" if cuda and te_available() else "reference")
     precision = config.precision
