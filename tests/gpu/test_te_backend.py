@@ -322,3 +322,27 @@ def test_from_pretrained_loads_shards_onto_gpu(tmp_path, record_metric) -> None:
         error = rel_l2(model(ids).logits, hf16.to(DEVICE).float()(ids).logits)
     record_metric(rel_l2_vs_fp32_same_weights=error)
     assert error <= BF16_REL_L2
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp8-delayed-fastacc", "fp8-block"])
+def test_activation_checkpointing_of_te_layers_gives_the_same_step(precision: str, record_metric) -> None:
+    """--activation-checkpointing on TE layers (through the finetune's own setup): same loss and gradients
+    as without; FP8 recomputes inside the forward's autocast and scales."""
+    from te_llama.train.config import FinetuneConfig
+    from te_llama.train.setup import prepare_for_training
+    from te_llama.train.step import Runtime
+
+    base = te_llama.convert(random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE,
+                                            dtype=torch.bfloat16), backend="te", fuse_qkv=True)
+    runtime = Runtime(torch.device(DEVICE), "te", precision, torch.bfloat16)
+    ids = token_batch(base.config.vocab_size, batch=4, seq=256, seed=3)
+    results = {}
+    for recompute in (False, True):
+        model = prepare_for_training(copy.deepcopy(base), FinetuneConfig(activation_checkpointing=recompute), runtime)
+        results[recompute] = _step_grads(model, precision, ids)
+    (plain_logits, plain), (logits, grads) = results[False], results[True]
+    worst = max(rel_l2(grads[name], plain[name]) for name in plain)
+    record_metric(precision=precision, logits_rel_l2=rel_l2(logits, plain_logits), worst_grad_rel_l2=worst)
+    assert grads.keys() == plain.keys()
+    assert rel_l2(logits, plain_logits) <= 1e-6
+    assert worst <= 1e-3

@@ -15,7 +15,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..availability import te_available
 from ..model.builtin import builtin_model, builtin_tokenizer
-from ..model.convert import convert
+from ..model.convert import convert, decoder_layers
 from ..model.hf_checkpoint import from_pretrained
 from ..model.lora import LoraSpec
 from ..model.peft_adapter import load_peft_adapter
@@ -113,4 +113,8 @@ def prepare_for_training(model: Any, config: FinetuneConfig, runtime: Runtime) -
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if runtime.backend == "te":
+            from ..model.layers.te_decoder import recompute_with_te_checkpoint
+
+            recompute_with_te_checkpoint(decoder_layers(model))
     return model.train()

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Iterable
+
 import torch
 import transformer_engine.pytorch as te
+from torch import nn
 
 from ...errors import UnsupportedArchitectureError
 from ..spec import ArchitectureSpec
@@ -62,3 +66,12 @@ def build_te_decoder_layer(spec: ArchitectureSpec, layer_index: int, fuse_qkv: b
         params_dtype=dtype,
         device=device,
     )
+
+
+def recompute_with_te_checkpoint(layers: Iterable[nn.Module]) -> None:
+    """Have transformers' activation checkpointing of these TE layers go through TE's checkpoint: it
+    recomputes inside the forward's FP8 autocast, with its recipe and scales. (torch's recomputes outside
+    it, so the recomputed layer saves BF16 tensors where the forward saved FP8 ones: CheckpointError.)"""
+    recompute = functools.partial(te.checkpoint, use_reentrant=False)
+    for layer in layers:
+        layer._gradient_checkpointing_func = recompute
