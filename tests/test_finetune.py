@@ -279,14 +279,16 @@ def test_hf_baseline_backend_runs_and_exports(tmp_path) -> None:
     assert AutoModelForCausalLM.from_pretrained(result.exported) is not None
 
 
-def test_activation_checkpointing_recomputes_layers(monkeypatch) -> None:
+@pytest.mark.parametrize("layers", [None, 1, 3])
+def test_activation_checkpointing_recomputes_layers(monkeypatch, layers) -> None:
     from te_llama.model.layers.reference import ReferenceTransformerLayer
     from te_llama.train.config import FinetuneConfig
     from te_llama.train.setup import load_model_and_tokenizer
     from te_llama.train.step import Runtime
 
     runtime = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
-    model, _ = load_model_and_tokenizer(FinetuneConfig(activation_checkpointing=True), runtime)
+    model, _ = load_model_and_tokenizer(FinetuneConfig(activation_checkpointing=True,
+                                                       activation_checkpointing_layers=layers), runtime)
     calls = []
     real_forward = ReferenceTransformerLayer.forward
 
@@ -297,12 +299,21 @@ def test_activation_checkpointing_recomputes_layers(monkeypatch) -> None:
     monkeypatch.setattr(ReferenceTransformerLayer, "forward", counting_forward)
     ids = torch.randint(0, 500, (1, 20))
     model(ids, labels=ids).loss.backward()
-    assert len(calls) == 2 * len(model.model.layers)  # forward, then the recompute in backward
+    recomputed = len(model.model.layers) if layers is None else layers
+    assert len(calls) == len(model.model.layers) + recomputed  # forward, then the recompute in backward
+    assert [layer.gradient_checkpointing for layer in model.model.layers][:recomputed] == [True] * recomputed
 
 
-def test_activation_checkpointing_gives_the_same_losses(tmp_path) -> None:
+@pytest.mark.parametrize("layers", [None, 2])
+def test_activation_checkpointing_gives_the_same_losses(tmp_path, caplog, layers) -> None:
+    """With the overlapped AdamW (the default without clipping) too: recomputes add no second update."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="te_llama")
     plain = run(tmp_path, "plain", max_steps=3, save_every=0)
-    recomputed = run(tmp_path, "recomputed", max_steps=3, save_every=0, activation_checkpointing=True)
+    recomputed = run(tmp_path, "recomputed", max_steps=3, save_every=0, activation_checkpointing=True,
+                     activation_checkpointing_layers=layers)
+    assert "overlap optimizer off" not in caplog.text
     want, got = train_losses(plain.output_dir), train_losses(recomputed.output_dir)
     assert got == pytest.approx(want, rel=1e-5)
 
@@ -331,8 +342,8 @@ def test_auto_features_are_on_only_where_exact() -> None:
     assert features.optimizer_kernel == "torch"  # Triton's needs CUDA
     assert not resolve_features(resolve_config(max_grad_norm=1.0), cpu, None, 1).overlap_optimizer
     assert not resolve_features(resolve_config(max_grad_norm=0.0, grad_accum=2), cpu, None, 1).overlap_optimizer
-    assert not resolve_features(resolve_config(max_grad_norm=0.0, activation_checkpointing=True), cpu, None,
-                                1).overlap_optimizer
+    assert resolve_features(resolve_config(max_grad_norm=0.0, activation_checkpointing=True), cpu, None,
+                            1).overlap_optimizer
     several = resolve_features(resolve_config(max_grad_norm=0.0), cpu, None, 2)  # the fused loss runs in LossModel
     assert not several.overlap_optimizer and several.fused_loss
     gpu = Runtime(torch.device("cuda"), "te", "bf16", torch.bfloat16)

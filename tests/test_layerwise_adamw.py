@@ -111,11 +111,23 @@ def test_resume_from_state_dict_continues_exactly() -> None:
     assert first + train(resumed, optimizer, data[2:]) == want
 
 
-def test_refuses_activation_checkpointing() -> None:
-    model = model_for("hf")
-    model.gradient_checkpointing_enable()
-    with pytest.raises(ValueError, match="activation checkpointing"):
-        layerwise(model)
+@pytest.mark.parametrize("backend", ["hf", "reference"])
+def test_same_training_as_adamw_with_activation_checkpointing(backend: str) -> None:
+    """Recomputed layers run their forward again inside backward: still one update per layer and step."""
+    plain = model_for(backend)
+    plain.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ours = copy.deepcopy(plain)
+    data = batches(plain.config.vocab_size)
+    want = train(plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], **ADAMW, **SINGLE_TENSOR), data)
+    updates = []
+    optimizer = layerwise(ours)
+    real_update = optimizer._update
+    optimizer._update = lambda groups: (updates.append(len(groups)), real_update(groups))
+    assert train(ours, optimizer, data) == want
+    layers = len(decoder_layers(ours))
+    assert updates[:layers] == [1] * layers, "each layer once, from its backward hook"
+    for (name, p), q in zip(plain.named_parameters(), ours.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
 def test_reused_grad_buffers_need_every_layer_trainable() -> None:

@@ -52,6 +52,11 @@ def train_losses(output_dir) -> dict[int, float]:
     ("--learning-rate", "0", "--learning-rate (learning_rate) 0.0 is out of range: it must be above 0"),
     ("--keep-last", "0", "--keep-last (keep_last) 0 is out of range"),
     ("--max-memory", "0.5", "--max-memory (max_memory) 0.5 is out of range: it is the GiB this run may use"),
+    ("--activation-checkpointing-layers", "0", "--activation-checkpointing-layers (activation_checkpointing_layers) 0 "
+                                               "is out of range: it is how many decoder layers to recompute"),
+    ("--activation-checkpointing-layers", "2", "--activation-checkpointing-layers (activation_checkpointing_layers) "
+                                               "says how many layers activation checkpointing recomputes: add "
+                                               "--activation-checkpointing"),
 ])
 def test_out_of_range_flags_are_refused_before_any_work(tmp_path, capsys, flag, value, message) -> None:
     assert cli(tmp_path, flag, value) == 2
@@ -90,6 +95,13 @@ def test_config_file_values_are_coerced_to_their_type_or_refused(tmp_path) -> No
 def test_sequence_length_past_the_models_positions_is_refused(tmp_path) -> None:
     with pytest.raises(ConfigError, match=r"--max-seq-len 4096 is above the model's max_position_embeddings 1024"):
         run(tmp_path, max_seq_len=4096)
+    assert not (tmp_path / "run").exists()
+
+
+def test_more_recomputed_layers_than_the_model_has_are_refused(tmp_path) -> None:
+    with pytest.raises(ConfigError, match=r"--activation-checkpointing-layers 9: the model has 4 decoder layers; use 4 "
+                                          r"or less"):
+        run(tmp_path, activation_checkpointing=True, activation_checkpointing_layers=9)
     assert not (tmp_path / "run").exists()
 
 

@@ -8,7 +8,9 @@ update while layer i-1's backward runs lets the two share the GPU.
 What it needs: a layer's gradients must be final when its backward ends. So one backward per
 optimizer step (no gradient accumulation), no clipping by the global gradient norm (which
 needs every gradient first) and no gradient all-reduce (one process). A second backward before
-`step()` raises. The embeddings, the final norm and the lm_head are updated in `step()`.
+`step()` raises. Activation checkpointing is fine: a layer's recompute inside backward (its
+forward again, on the same input) adds no second hook. The embeddings, the final norm and the
+lm_head are updated in `step()`.
 
 It is a `torch.optim.AdamW` with one parameter group per decoder layer (and one for the rest):
 `state_dict`, learning-rate schedulers and `zero_grad` behave as usual, and on CPU the layer
@@ -18,6 +20,7 @@ updates simply run inline.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,9 +54,6 @@ class LayerwiseAdamW(torch.optim.AdamW):
         (`capture_cuda_graphs(shared_grad_buffers=N)`); the backward of each layer then waits
         for the update of the layer N above it, the buffer's previous user. in_backward=False: no
         layer hooks: every update in `step()`."""
-        if in_backward and getattr(model, "is_gradient_checkpointing", False):
-            raise ValueError("LayerwiseAdamW cannot run with activation checkpointing: recomputed layers run their "
-                             "forward again inside backward; turn one of the two off")
         layer_groups = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
         groups = param_groups_by_layer(model, layers)
         if not groups:
@@ -76,6 +76,8 @@ class LayerwiseAdamW(torch.optim.AdamW):
         self._side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._stepped: set[int] = set()  # groups updated since the last step()
         self._hooks = []
+        self._watched: dict[int, weakref.ref] = {}
+        """Group i -> the layer input its backward hook sits on (this step's forward)."""
         self._layers = [layer for layer, params in zip(layers, layer_groups) if params] if in_backward else []
         """Group i's layer, for the groups updated from backward hooks."""
         for index, layer in enumerate(self._layers):
@@ -86,6 +88,10 @@ class LayerwiseAdamW(torch.optim.AdamW):
         """On a training forward: hook the layer's input, whose gradient is the last thing its backward makes."""
         hidden = args[0] if args else kwargs.get("hidden_states")
         if torch.is_grad_enabled() and layer.training and torch.is_tensor(hidden) and hidden.requires_grad:
+            watched = self._watched.get(group_index)
+            if watched is not None and watched() is hidden:  # activation checkpointing recomputes the layer
+                return
+            self._watched[group_index] = weakref.ref(hidden)
             hidden.register_hook(functools.partial(self._layer_backward_done, group_index))
 
     def _layer_backward_done(self, group_index: int, grad: torch.Tensor) -> None:
@@ -152,3 +158,4 @@ class LayerwiseAdamW(torch.optim.AdamW):
             torch.cuda.current_stream().wait_stream(self._side_stream)
         self._stepped.clear()
         self._updated.clear()
+        self._watched.clear()

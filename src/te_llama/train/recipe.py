@@ -59,7 +59,7 @@ from .run_dir import (
     resume_command,
 )
 from .lora_run import export_lora, model_config, resolve_lora
-from .setup import check_sequence_length, load_model_and_tokenizer, resolve_runtime
+from .setup import check_model_limits, load_model_and_tokenizer, resolve_runtime
 from .step import Runtime, TrainStep, build_train_step, memory_fixes, resolve_features
 
 logger = logging.getLogger(__name__)
@@ -222,7 +222,7 @@ def start_run(config: FinetuneConfig) -> Run:
     resolve_features(config, runtime, None, world, log=False)  # an explicit feature that cannot run: refused now
     with accelerator.main_process_first():  # a Hub id is downloaded once
         model_path = resolve_model(config.model) if config.model else None
-    check_sequence_length(config, model_path)
+    check_model_limits(config, model_path)
     resolve_lora(config, runtime.backend, model_config(model_path))  # a bad LoRA setting, before loading
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config, runtime, model_path)

@@ -49,9 +49,14 @@ def resolve_runtime(config: FinetuneConfig) -> Runtime:
     return Runtime(device, backend, precision, getattr(torch, dtype_name), limit_memory(device, config.max_memory))
 
 
-def check_sequence_length(config: FinetuneConfig, model_path: Path | None) -> None:
-    """Refuse --max-seq-len past the positions the model was trained for (read from its config only)."""
+def check_model_limits(config: FinetuneConfig, model_path: Path | None) -> None:
+    """Refuse --max-seq-len past the positions the model was trained for, and more recomputed layers than
+    it has (read from its config only)."""
     hf_config = model_config(model_path)
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    if layers and (config.activation_checkpointing_layers or 0) > layers:
+        raise ConfigError(f"--activation-checkpointing-layers {config.activation_checkpointing_layers}: the model "
+                          f"has {layers} decoder layers; use {layers} or less (or leave it out: every layer)")
     limit = getattr(hf_config, "max_position_embeddings", None)
     rope = getattr(hf_config, "rope_parameters", None) or {}
     if rope.get("rope_type") == "dynamic" or not limit or config.max_seq_len <= limit:
@@ -107,14 +112,18 @@ def with_adapters(model: Any, config: FinetuneConfig, runtime: Runtime, lora: Lo
 
 
 def prepare_for_training(model: Any, config: FinetuneConfig, runtime: Runtime) -> Any:
-    """The run's layer options on a loaded model (activation checkpointing), in training mode."""
+    """The run's layer options on a loaded model (activation checkpointing of all or the first N decoder
+    layers), in training mode."""
     if config.activation_checkpointing:  # renamed in newer transformers; same switch
         if hasattr(model, "activation_checkpointing_enable"):
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        layers = decoder_layers(model)
+        for layer in layers[config.activation_checkpointing_layers or len(layers):]:
+            layer.gradient_checkpointing = False  # transformers' per-layer switch: this one runs plainly
         if runtime.backend == "te":
             from ..model.layers.te_decoder import recompute_with_te_checkpoint
 
-            recompute_with_te_checkpoint(decoder_layers(model))
+            recompute_with_te_checkpoint(layers)
     return model.train()

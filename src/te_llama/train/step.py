@@ -92,8 +92,6 @@ def _overlap_blocker(config: FinetuneConfig, runtime: Runtime, world: int) -> st
         return ("DDP and FSDP2 reduce gradients across processes asynchronously, in buckets, and hand the reduced "
                 "values back only at the end of backward; a layer updated during backward would use its own "
                 "process's gradient: run one process")
-    if config.activation_checkpointing:
-        return "activation checkpointing re-runs layers inside backward: drop --activation-checkpointing"
     return None
 
 
