@@ -120,7 +120,7 @@ class FinetuneConfig:
     activation_checkpointing_layers: int | None = None
     """With --activation-checkpointing: recompute only the first N decoder layers (unset: all of them).
     Each layer left out keeps its activations and skips its recompute: at Llama-3-8B with 8,192 tokens
-    per step on an H200, about 0.9 GiB more and 4 ms less per layer (docs/PERFORMANCE.md)."""
+    per step on an H200, about 1.3 GiB more at the peak and 4.5 ms less per step (docs/PERFORMANCE.md)."""
     max_memory: float | None = None
     """GiB of GPU memory this run may use (torch's per-process limit), e.g. 75 to check on a larger GPU
     that a run fits an 80 GB one; unset: the whole GPU."""
