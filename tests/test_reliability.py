@@ -182,6 +182,21 @@ def test_a_run_that_failed_before_its_first_checkpoint_does_not_block_the_rerun(
     assert run(tmp_path).steps == 4  # the same command again just works
 
 
+def test_out_of_memory_fixes_follow_the_activation_checkpointing_in_use() -> None:
+    from te_llama.train.config import FinetuneConfig
+    from te_llama.train.step import Runtime, memory_fixes
+
+    runtime = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
+    plain = memory_fixes(FinetuneConfig(), runtime, graphed=False)
+    assert any(f.startswith("--activation-checkpointing (") for f in plain)
+    some = memory_fixes(FinetuneConfig(activation_checkpointing=True, activation_checkpointing_layers=3), runtime,
+                        graphed=False)
+    assert "more recomputed layers: raise --activation-checkpointing-layers (now 3), or leave it out to recompute " \
+           "every layer" in some
+    every = memory_fixes(FinetuneConfig(activation_checkpointing=True), runtime, graphed=False)
+    assert not any("activation-checkpointing" in f for f in every)
+
+
 KILL_AT_STEP = """
 import os, signal, sys
 import te_llama.train.loss as loss

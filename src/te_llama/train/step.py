@@ -285,7 +285,11 @@ def memory_fixes(config: FinetuneConfig, runtime: Runtime, graphed: bool) -> lis
              f"{2 * config.grad_accum} to keep the batch)" if config.batch_size > 1 else
              f"--max-seq-len {max(1, config.max_seq_len // 2)} (now {config.max_seq_len})"]
     if not config.activation_checkpointing:
-        fixes.append("--activation-checkpointing (recompute layers in backward: about a third more compute)")
+        fixes.append("--activation-checkpointing (recompute layers in backward: about a third more compute; "
+                     "--activation-checkpointing-layers N recomputes only the first N)")
+    elif config.activation_checkpointing_layers:
+        fixes.append(f"more recomputed layers: raise --activation-checkpointing-layers (now "
+                     f"{config.activation_checkpointing_layers}), or leave it out to recompute every layer")
     if graphed:
         fixes.append("--no-cuda-graphs (graphs keep their activation memory reserved)")
     if runtime.param_dtype == torch.float32 and runtime.device.type == "cuda":
