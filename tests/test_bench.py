@@ -113,6 +113,16 @@ def test_fused_loss_option_trains_like_hf_loss() -> None:
     torch.testing.assert_close(torch.tensor(got.losses), torch.tensor(want.losses), atol=1e-4, rtol=0)
 
 
+def test_more_recomputed_layers_than_the_preset_has_are_refused() -> None:
+    from te_llama.bench.measure import measure
+    from te_llama.train.config import ConfigError
+
+    settings = BenchSettings(**{**TINY.__dict__, "options": {"activation_checkpointing": True,
+                                                              "activation_checkpointing_layers": 9}})
+    with pytest.raises(ConfigError, match="the model has 4 decoder layers; use 4 or less"):
+        measure("reference", settings)
+
+
 @pytest.mark.parametrize("preset", ["tiny-qwen3", "tiny-phi3", "tiny-gemma"])
 def test_family_presets_bench_like_transformers(preset: str) -> None:
     """`te-llama bench --preset` of each new family: the reference row trains the HF row's model."""

@@ -55,3 +55,7 @@ def test_expandable_segments_unless_the_user_set_the_allocator_or_runs_the_hf_ba
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:512")
     gpu_memory.prefer_expandable_segments("auto")
     assert os.environ["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:512"
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)  # too late: CUDA already started
+    gpu_memory.prefer_expandable_segments("te")
+    assert "PYTORCH_CUDA_ALLOC_CONF" not in os.environ

@@ -130,6 +130,33 @@ def test_same_training_as_adamw_with_activation_checkpointing(backend: str) -> N
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
+class _RecomputeWithHooks(torch.nn.Module):
+    """A layer checkpointed around its whole `__call__`, so its module hooks run again in the recompute (what
+    transformers versions that checkpoint `__call__` instead of `forward` do)."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, *args, **kwargs):
+        return torch.utils.checkpoint.checkpoint(self.layer, *args, use_reentrant=False, **kwargs)
+
+
+def test_a_recompute_that_runs_the_layer_hooks_again_adds_no_second_update() -> None:
+    plain = model_for("reference")
+    ours = copy.deepcopy(plain)
+    layers = list(decoder_layers(ours))
+    optimizer = layerwise(ours)  # its hooks sit on the layers themselves
+    calls = []
+    for layer in layers:
+        layer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    ours.model.layers = torch.nn.ModuleList(_RecomputeWithHooks(layer) for layer in layers)
+    data = batches(plain.config.vocab_size)
+    want = train(plain, torch.optim.AdamW([p for p in plain.parameters() if p.requires_grad], **ADAMW, **SINGLE_TENSOR), data)
+    assert train(ours, optimizer, data) == want
+    assert len(calls) == 2 * len(layers) * len(data), "the hooks ran in the forward and again in the recompute"
+
+
 def test_reused_grad_buffers_need_every_layer_trainable() -> None:
     model = model_for("hf")
     for p in decoder_layers(model)[0].parameters():

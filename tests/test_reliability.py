@@ -195,6 +195,9 @@ def test_out_of_memory_fixes_follow_the_activation_checkpointing_in_use() -> Non
            "every layer" in some
     every = memory_fixes(FinetuneConfig(activation_checkpointing=True), runtime, graphed=False)
     assert not any("activation-checkpointing" in f for f in every)
+    all_of_them = memory_fixes(FinetuneConfig(activation_checkpointing=True, activation_checkpointing_layers=4),
+                               runtime, graphed=False, layers=4)
+    assert not any("activation-checkpointing" in f for f in all_of_them)
 
 
 KILL_AT_STEP = """

@@ -28,7 +28,7 @@ from ..train.batching import Batch, collate_packed, collate_padded
 from ..train.config import GROUPS, FinetuneConfig
 from ..train.cuda_graphs import StaticShape
 from ..train.lora_run import fp8_base_recipe, peft_model, resolve_lora
-from ..train.setup import prepare_for_training, resolve_runtime
+from ..train.setup import check_recomputed_layers, prepare_for_training, resolve_runtime
 from ..train.step import build_train_step
 from .variants import PEER_LORA_OPTIONS, VARIANTS, Variant, apply_peer
 
@@ -164,6 +164,7 @@ def build_step(variant: Variant, settings: BenchSettings):
     accelerator = Accelerator(cpu=runtime.device.type == "cpu")
     torch.manual_seed(settings.seed)
     hf_config = preset_config(settings.preset)
+    check_recomputed_layers(config, hf_config)
     lora = resolve_lora(config, runtime.backend, hf_config)
     with runtime.device:
         model = AutoModelForCausalLM.from_config(hf_config, dtype=runtime.param_dtype, attn_implementation="sdpa")

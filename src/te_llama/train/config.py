@@ -182,7 +182,8 @@ class FinetuneConfig:
         self._check_lora()
         if self.activation_checkpointing_layers is not None and not self.activation_checkpointing:
             raise ConfigError(f"{_option('activation_checkpointing_layers')} says how many layers activation "
-                              "checkpointing recomputes: add --activation-checkpointing")
+                              "checkpointing recomputes: add --activation-checkpointing (or drop "
+                              "activation_checkpointing_layers from the config file)")
 
     @property
     def lora(self) -> bool:

@@ -8,9 +8,9 @@ update while layer i-1's backward runs lets the two share the GPU.
 What it needs: a layer's gradients must be final when its backward ends. So one backward per
 optimizer step (no gradient accumulation), no clipping by the global gradient norm (which
 needs every gradient first) and no gradient all-reduce (one process). A second backward before
-`step()` raises. Activation checkpointing is fine: a layer's recompute inside backward (its
-forward again, on the same input) adds no second hook. The embeddings, the final norm and the
-lm_head are updated in `step()`.
+`step()` raises. Activation checkpointing is fine: transformers keeps module hooks outside the
+recompute, and a recompute that runs them again sees the input it already hooked and adds no
+second hook. The embeddings, the final norm and the lm_head are updated in `step()`.
 
 It is a `torch.optim.AdamW` with one parameter group per decoder layer (and one for the rest):
 `state_dict`, learning-rate schedulers and `zero_grad` behave as usual, and on CPU the layer

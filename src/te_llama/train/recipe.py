@@ -19,6 +19,7 @@ from accelerate import Accelerator, DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from ..model.builtin import SAMPLE_TEXT, asset_path
+from ..model.convert import decoder_layers
 from ..model.hf_checkpoint import save_pretrained
 from ..model.source import resolve_model
 from ..precision import DEFAULT_FP8, autocast
@@ -320,7 +321,8 @@ def train(run: Run) -> tuple[float, float | None, list[float]]:
                                               f"{resume_command()}", signum)
     except torch.OutOfMemoryError:
         raise out_of_memory(device, config.batch_size * config.max_seq_len,
-                            memory_fixes(config, run.runtime, run.step.graph_shape is not None),
+                            memory_fixes(config, run.runtime, run.step.graph_shape is not None,
+                                         len(decoder_layers(run.step.raw_model))),
                             f"at step {position.step + 1}") from None
     finally:
         bar.close()

@@ -53,10 +53,7 @@ def check_model_limits(config: FinetuneConfig, model_path: Path | None) -> None:
     """Refuse --max-seq-len past the positions the model was trained for, and more recomputed layers than
     it has (read from its config only)."""
     hf_config = model_config(model_path)
-    layers = getattr(hf_config, "num_hidden_layers", None)
-    if layers and (config.activation_checkpointing_layers or 0) > layers:
-        raise ConfigError(f"--activation-checkpointing-layers {config.activation_checkpointing_layers}: the model "
-                          f"has {layers} decoder layers; use {layers} or less (or leave it out: every layer)")
+    check_recomputed_layers(config, hf_config)
     limit = getattr(hf_config, "max_position_embeddings", None)
     rope = getattr(hf_config, "rope_parameters", None) or {}
     if rope.get("rope_type") == "dynamic" or not limit or config.max_seq_len <= limit:
@@ -64,6 +61,13 @@ def check_model_limits(config: FinetuneConfig, model_path: Path | None) -> None:
     raise ConfigError(f"--max-seq-len {config.max_seq_len} is above the model's max_position_embeddings {limit} "
                       f"({model_path or 'built-in model'}): it was never trained on positions past it; "
                       f"use --max-seq-len {limit} or less")
+
+
+def check_recomputed_layers(config: FinetuneConfig, hf_config: Any) -> None:
+    layers = getattr(hf_config, "num_hidden_layers", None)
+    if layers and (config.activation_checkpointing_layers or 0) > layers:
+        raise ConfigError(f"--activation-checkpointing-layers {config.activation_checkpointing_layers}: the model "
+                          f"has {layers} decoder layers; use {layers} or less (or leave it out: every layer)")
 
 
 def load_model_and_tokenizer(config: FinetuneConfig, runtime: Runtime, model_path: Path | None = None

@@ -279,15 +279,17 @@ def build_train_step(config: FinetuneConfig, runtime: Runtime, model: Any, accel
                      graph_shape if features.cuda_graphs else None, clip)
 
 
-def memory_fixes(config: FinetuneConfig, runtime: Runtime, graphed: bool) -> list[str]:
-    """The options that lower this run's GPU memory, most effective first."""
+def memory_fixes(config: FinetuneConfig, runtime: Runtime, graphed: bool, layers: int | None = None) -> list[str]:
+    """The options that lower this run's GPU memory, most effective first (`layers`: the model's decoder
+    layers, when known)."""
     fixes = [f"--batch-size {max(1, config.batch_size // 2)} (now {config.batch_size}; add --grad-accum "
              f"{2 * config.grad_accum} to keep the batch)" if config.batch_size > 1 else
              f"--max-seq-len {max(1, config.max_seq_len // 2)} (now {config.max_seq_len})"]
     if not config.activation_checkpointing:
         fixes.append("--activation-checkpointing (recompute layers in backward: about a third more compute; "
                      "--activation-checkpointing-layers N recomputes only the first N)")
-    elif config.activation_checkpointing_layers:
+    elif config.activation_checkpointing_layers is not None and \
+            (layers is None or config.activation_checkpointing_layers < layers):  # some layers still run plainly
         fixes.append(f"more recomputed layers: raise --activation-checkpointing-layers (now "
                      f"{config.activation_checkpointing_layers}), or leave it out to recompute every layer")
     if graphed:
