@@ -91,9 +91,17 @@ def _examples(tokenizer, texts):
     return [{"input_ids": ids, "labels": list(ids)} for ids in (tokenizer(t)["input_ids"] for t in texts)]
 
 
-def test_packing_gives_the_padded_loss_on_the_same_examples() -> None:
+def _packable_model(backend: str, tokenizer):
+    """te-llama's reference layers, or transformers as backend 'hf' trains it: its config keeps use_cache on."""
+    model = builtin_model(tokenizer)
+    model.config.use_cache = True
+    return model if backend == "hf" else te_llama.convert(model, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", "hf"])
+def test_packing_gives_the_padded_loss_on_the_same_examples(backend: str) -> None:
     tokenizer = builtin_tokenizer()
-    model = te_llama.convert(builtin_model(tokenizer), backend="reference")
+    model = _packable_model(backend, tokenizer)
     examples = _examples(tokenizer, ["The sum of 3 and 4 is 7.", "After one comes two.",
                                      "The colour of the sky is blue. Everyone knows it."])
     packed, padded = collate_packed(examples), collate_padded(examples, tokenizer.pad_token_id)
@@ -104,9 +112,10 @@ def test_packing_gives_the_padded_loss_on_the_same_examples() -> None:
     torch.testing.assert_close(loss_packed, loss_padded, rtol=LOSS_RTOL, atol=0)
 
 
-def test_packed_examples_do_not_attend_to_each_other() -> None:
+@pytest.mark.parametrize("backend", ["reference", "hf"])
+def test_packed_examples_do_not_attend_to_each_other(backend: str) -> None:
     tokenizer = builtin_tokenizer()
-    model = te_llama.convert(builtin_model(tokenizer), backend="reference")
+    model = _packable_model(backend, tokenizer)
     first, second = _examples(tokenizer, ["The sum of 3 and 4 is 7.", "After one comes two."])
     changed = {"input_ids": [t + 1 for t in first["input_ids"]], "labels": first["labels"]}
     n = len(first["input_ids"])

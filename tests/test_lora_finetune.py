@@ -93,6 +93,16 @@ def test_checkpoints_hold_the_adapters_only_and_resume_exactly(tmp_path, base) -
         assert torch.equal(final[key], tensor), key
 
 
+@pytest.mark.parametrize("backend", ["reference", "hf"])
+def test_activation_checkpointing_trains_the_adapters_alike(tmp_path, base, backend) -> None:
+    """LoRA with recompute (all layers or the first one): the same losses as without."""
+    plain = train_losses(run(tmp_path, base, "plain", backend=backend).output_dir)
+    for name, layers in (("all", None), ("first", 1)):
+        recomputed = run(tmp_path, base, name, backend=backend, activation_checkpointing=True,
+                         activation_checkpointing_layers=layers)
+        assert train_losses(recomputed.output_dir) == pytest.approx(plain, rel=1e-5)
+
+
 def test_continue_from_an_adapter_peft_wrote(tmp_path, base) -> None:
     model = peft.get_peft_model(AutoModelForCausalLM.from_pretrained(base), peft.LoraConfig(
         r=8, lora_alpha=4, lora_dropout=0.05, target_modules=["v_proj", "down_proj"], task_type="CAUSAL_LM"))

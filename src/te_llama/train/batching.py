@@ -33,7 +33,8 @@ class Batch:
 
 def collate_packed(examples: Sequence[dict], with_cu_seqlens: bool = False, pad_to: int | None = None,
                    pad_token_id: int = 0, max_doc_len: int | None = None) -> Batch:
-    """One row (1, T): the examples back to back, position ids restarting per example.
+    """One row (1, T): the examples back to back, position ids restarting per example (and no KV cache, so
+    transformers' own attention keeps the examples apart too).
 
     with_cu_seqlens adds HF's packed-sequence kwargs (`cu_seq_lens_q/k`, `max_length_q/k`),
     computed here on the host, so te-llama layers need no device synchronization per step.
@@ -59,7 +60,7 @@ def collate_packed(examples: Sequence[dict], with_cu_seqlens: bool = False, pad_
             n = min(chunk, pad_to - len(ids))
             add([pad_token_id] * n, [IGNORE_INDEX] * n)
     inputs = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-              "position_ids": torch.tensor([positions])}
+              "position_ids": torch.tensor([positions]), "use_cache": False}
     if with_cu_seqlens:
         cu = torch.tensor(bounds, dtype=torch.int32)
         longest = max(b - a for a, b in zip(bounds[:-1], bounds[1:]))
