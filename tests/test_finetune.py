@@ -288,6 +288,17 @@ def test_hf_baseline_backend_runs_and_exports(tmp_path) -> None:
     assert AutoModelForCausalLM.from_pretrained(result.exported) is not None
 
 
+def test_hf_backend_with_packing_says_it_attends_through_a_full_mask(tmp_path, caplog) -> None:
+    import logging
+
+    caplog.set_level(logging.INFO, logger="te_llama")
+    run(tmp_path, "packed", backend="hf", max_steps=1, save_every=0)
+    assert "backend hf with packing: transformers keeps the packed examples apart with a full" in caplog.text
+    caplog.clear()
+    run(tmp_path, "padded", backend="hf", packing=False, max_steps=1, save_every=0)
+    assert "backend hf with packing" not in caplog.text
+
+
 @pytest.mark.parametrize("layers", [None, 1, 3])
 def test_activation_checkpointing_recomputes_layers(monkeypatch, layers) -> None:
     from te_llama.model.layers.reference import ReferenceTransformerLayer

@@ -24,7 +24,7 @@ PAD_MULTIPLE = 16
 class Batch:
     """Model inputs plus the token counts that throughput is reported in."""
 
-    inputs: dict[str, torch.Tensor]
+    inputs: dict[str, torch.Tensor | int | bool]
     real_tokens: int
     """Tokens that are not padding (what useful tokens/s counts)."""
     padded_tokens: int

@@ -364,6 +364,10 @@ def export_final(run: Run, state_dict: dict | None = None) -> Path:
 
 def _log_start(config: FinetuneConfig, runtime: Runtime, report: DataReport, n_train: int, steps: int,
                position: Position) -> None:
+    if runtime.backend == "hf" and config.packing:
+        logger.warning("backend hf with packing: transformers keeps the packed examples apart with a full "
+                       "(tokens x tokens) attention mask, correct but slow at long rows; --no-packing is how "
+                       "transformers usually trains, --backend te packs without a mask")
     logger.info("te-llama finetune: model=%s backend=%s precision=%s params=%s device=%s packing=%s",
                 config.model or "built-in tiny llama", runtime.backend, runtime.precision,
                 str(runtime.param_dtype).removeprefix("torch."), runtime.device, config.packing)
