@@ -24,7 +24,7 @@ step ran out of memory at step 4 on an H200 with 123 GiB reserved, and ran with 
 
 def prefer_expandable_segments(backend: str) -> None:
     """Use `ALLOCATOR_SETTING` unless the user set PYTORCH_CUDA_ALLOC_CONF. torch reads the variable once,
-    when CUDA starts: in a process that already uses CUDA (a notebook, a test session) nothing changes.
+    when CUDA starts: in a process that already uses CUDA (a notebook, a pytest run) nothing changes.
     Not for backend 'hf': the baseline stays transformers as users run it."""
     if backend != "hf" and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ and not torch.cuda.is_initialized():
         os.environ["PYTORCH_CUDA_ALLOC_CONF"] = ALLOCATOR_SETTING
