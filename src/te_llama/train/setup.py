@@ -64,6 +64,7 @@ def check_model_limits(config: FinetuneConfig, model_path: Path | None) -> None:
 
 
 def check_recomputed_layers(config: FinetuneConfig, hf_config: Any) -> None:
+    """Refuse --activation-checkpointing-layers above the model's layer count (finetune and bench alike)."""
     layers = getattr(hf_config, "num_hidden_layers", None)
     if layers and (config.activation_checkpointing_layers or 0) > layers:
         raise ConfigError(f"--activation-checkpointing-layers {config.activation_checkpointing_layers}: the model "
