@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import random
+import shlex
 import statistics
 import subprocess
 import sys
@@ -78,7 +79,8 @@ def run_row(name: str, flags: list[str], args: argparse.Namespace, model: Path, 
     command = [sys.executable, "-m", "te_llama", "finetune", "--model", str(model), "--data", str(data),
                "--output-dir", str(out), "--max-steps", str(args.steps), "--batch-size", str(args.batch_size),
                "--max-seq-len", str(args.max_seq_len), "--eval-fraction", "0", "--save-every", "0",
-               "--no-tensorboard", "--overwrite", "--cache-dir", str(args.out / "cache"), *flags]
+               "--no-tensorboard", "--overwrite", "--cache-dir", str(args.out / "cache"), *shlex.split(args.flags),
+               *flags]
     log = args.out / f"{name}.log"
     with log.open("w") as f:
         status = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -90,9 +92,12 @@ def run_row(name: str, flags: list[str], args: argparse.Namespace, model: Path, 
     seconds = sum(m["step_ms"] for m in timed) / 1000
     real = sum(m["real_tokens"] for m in timed)
     computed = sum(m["padded_tokens"] for m in timed)
+    plan = next((line.split("batch size auto: ", 1)[1].split(" (")[0] for line in log.read_text().splitlines()
+                 if "batch size auto: " in line and "examples per step" in line), None)
     return row | {"median_ms": statistics.median(m["step_ms"] for m in timed), "useful_tok_s": real / seconds,
                   "computed_tok_s": computed / seconds, "pad_share": 1 - real / computed,
-                  "final_loss": timed[-1]["loss"]}
+                  "final_loss": timed[-1]["loss"], "plan": plan or f"batch {args.batch_size}",
+                  "peak_reserved_gib": max((m.get("peak_reserved_gib") or 0 for m in steps), default=0)}
 
 
 def main() -> int:
@@ -100,7 +105,9 @@ def main() -> int:
     parser.add_argument("--preset", default="llama3-8b")
     parser.add_argument("--rows", type=int, default=1500, help="conversations")
     parser.add_argument("--max-seq-len", type=int, default=2048)
-    parser.add_argument("--batch-size", type=int, default=4, help="examples (padded) or token budget x max-seq-len")
+    parser.add_argument("--batch-size", default="auto",
+                        help="examples (padded) or token budget x max-seq-len; auto: te-llama's default")
+    parser.add_argument("--flags", default="", help="more finetune flags for every row, e.g. '--max-memory 75'")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="steps left out of the timing")
     parser.add_argument("--variants", nargs="+", default=["te-llama", "hf"], choices=list(ROWS))
@@ -117,15 +124,16 @@ def main() -> int:
     (args.out / "compare.json").write_text(json.dumps(rows, indent=2))
     base = next((r for r in rows if r["row"] == "hf" and "useful_tok_s" in r), None)
     print(f"{args.preset}, batch {args.batch_size} x max {args.max_seq_len}, {args.steps} steps "
-          f"(first {args.warmup} untimed)\n")
-    print("| row | flags | median ms/step | useful tokens/s | pad share | vs hf |\n|---|---|---|---|---|---|")
+          f"(first {args.warmup} untimed){', flags ' + args.flags if args.flags else ''}\n")
+    print("| row | flags | batch | median ms/step | useful tokens/s | pad share | peak reserved GiB | vs hf |\n"
+          "|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "useful_tok_s" not in r:
-            print(f"| {r['row']} | {r['flags']} | failed (exit {r['status']}: {r['reason']}; {r['log']}) | | | |")
+            print(f"| {r['row']} | {r['flags']} | failed (exit {r['status']}: {r['reason']}; {r['log']}) | | | | | |")
             continue
         ratio = f"{r['useful_tok_s'] / base['useful_tok_s']:.2f}x" if base else "-"
-        print(f"| {r['row']} | {r['flags']} | {r['median_ms']:.1f} | {r['useful_tok_s']:,.0f} | "
-              f"{r['pad_share']:.0%} | {ratio} |")
+        print(f"| {r['row']} | {r['flags']} | {r['plan']} | {r['median_ms']:.1f} | {r['useful_tok_s']:,.0f} | "
+              f"{r['pad_share']:.0%} | {r['peak_reserved_gib']:.1f} | {ratio} |")
     return 0 if all("useful_tok_s" in r for r in rows) else 1
 
 

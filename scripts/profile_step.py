@@ -21,9 +21,9 @@ import sys
 
 import torch
 
-CATEGORIES = [  # first match wins
+CATEGORIES = [  # first match wins: attention before GEMMs (cuDNN's attention kernels are named "..._sm90_...")
+    ("attention", r"fmha|flash|sdpa|attn|softmax_fwd|scaled_dot"),
     ("gemm", r"gemm|nvjet|cutlass|xmma|sm90_|cublas|matmul"),
-    ("attention", r"fmha|flash|attn|cudnn|fprop|dgrad|softmax_fwd|scaled_dot"),
     ("optimizer", r"adam|multi_tensor|foreach|fused_adam"),
     ("norm", r"rmsnorm|layernorm|norm"),
     ("rope", r"rope|rotary"),

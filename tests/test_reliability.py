@@ -187,15 +187,15 @@ def test_out_of_memory_fixes_follow_the_activation_checkpointing_in_use() -> Non
     from te_llama.train.step import Runtime, memory_fixes
 
     runtime = Runtime(torch.device("cpu"), "reference", "fp32", torch.float32)
-    plain = memory_fixes(FinetuneConfig(), runtime, graphed=False)
+    plain = memory_fixes(FinetuneConfig(batch_size=8), runtime, graphed=False)
     assert any(f.startswith("--activation-checkpointing (") for f in plain)
-    some = memory_fixes(FinetuneConfig(activation_checkpointing=True, activation_checkpointing_layers=3), runtime,
+    some = memory_fixes(FinetuneConfig(activation_checkpointing=True, activation_checkpointing_layers=3, batch_size=8), runtime,
                         graphed=False)
     assert "more recomputed layers: raise --activation-checkpointing-layers (now 3), or leave it out to recompute " \
            "every layer" in some
-    every = memory_fixes(FinetuneConfig(activation_checkpointing=True), runtime, graphed=False)
+    every = memory_fixes(FinetuneConfig(activation_checkpointing=True, batch_size=8), runtime, graphed=False)
     assert not any("activation-checkpointing" in f for f in every)
-    all_of_them = memory_fixes(FinetuneConfig(activation_checkpointing=True, activation_checkpointing_layers=4),
+    all_of_them = memory_fixes(FinetuneConfig(activation_checkpointing=True, activation_checkpointing_layers=4, batch_size=8),
                                runtime, graphed=False, layers=4)
     assert not any("activation-checkpointing" in f for f in all_of_them)
 

@@ -140,8 +140,10 @@ def _add_config_flags(parser: argparse.ArgumentParser, groups: tuple[str, ...] =
                                      metavar="NAME", help=help_text)
             elif get_origin(kind) is Literal:
                 section.add_argument(flag, choices=get_args(kind), default=None, help=help_text)
-            else:
-                base = next((t for t in (int, float, str) if t == kind or t in get_args(kind)), str)
+            else:  # a number; int | Literal["auto"]: a number or the name, checked by FinetuneConfig
+                named = next((a for a in get_args(kind) if get_origin(a) is Literal), None)
+                base = str if named is not None else \
+                    next((t for t in (int, float, str) if t == kind or t in get_args(kind)), str)
                 section.add_argument(flag, type=base, default=None, metavar=name.upper(), help=help_text)
 
 

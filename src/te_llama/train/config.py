@@ -87,8 +87,10 @@ class FinetuneConfig:
     """Gradient clipping by the global norm (0 = off, the default: finetuning a pretrained model
     measured the same eval loss without it, and it lets AdamW overlap backward; 1.0 for training
     from scratch or high learning rates, where it matters)."""
-    batch_size: int = 8
-    """Examples per micro-batch (padding), or the token budget batch_size * max_seq_len (packing)."""
+    batch_size: int | Literal["auto"] = "auto"
+    """Examples per micro-batch (padding), or the token budget batch_size * max_seq_len (packing). auto: 8 per
+    optimizer step, split into 2, 4 or 8 micro-batches (with gradient accumulation) when a probe at the start
+    finds they do not fit the GPU (or --max-memory) together; on a CPU, 8."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     seed: int = 0
@@ -175,7 +177,7 @@ class FinetuneConfig:
             setattr(self, field.name, _coerce(field.name, getattr(self, field.name), hints[field.name]))
         for name, (low, high, note) in RANGES.items():
             value = getattr(self, name)
-            if value is None:
+            if value is None or isinstance(value, str):  # None or a named setting such as "auto"
                 continue
             if math.isnan(value) or (low is not None and value < low) or (high is not None and value > high):
                 raise ConfigError(f"{_option(name)} {value!r} is out of range: {note}")
@@ -273,6 +275,9 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     listed = next((a for a in args if get_origin(a) is list), None)
     if listed is not None:
         return _coerce_list(name, value, get_args(get_args(listed)[0]))
+    named = next((a for a in args if get_origin(a) is Literal), None)  # e.g. int | Literal["auto"]
+    if named is not None and value in get_args(named):
+        return value
     if get_origin(kind) is Literal:
         if value not in args:
             raise ConfigError(f"{_option(name)} {value!r} is not one of: {', '.join(map(str, args))}")
@@ -291,7 +296,8 @@ def _coerce(name: str, value: Any, kind: Any) -> Any:
     try:
         number = float(value) if isinstance(value, str) else value
     except ValueError:
-        raise ConfigError(f"{_option(name)} {value!r} is not a number") from None
+        named_too = f" (or {' / '.join(map(str, get_args(named)))})" if named is not None else ""
+        raise ConfigError(f"{_option(name)} {value!r} is not a number{named_too}") from None
     if not isinstance(number, (int, float)):
         raise ConfigError(f"{_option(name)} {value!r} is not a number")
     if base is float:
@@ -317,7 +323,7 @@ def _coerce_list(name: str, value: Any, choices: tuple[str, ...]) -> list[str]:
 
 # The embedded default: tiny model, bundled data, done in well under a minute on a CPU.
 BUILTIN_DEFAULTS: dict[str, Any] = {
-    "output_dir": "runs/te-llama-tiny", "max_seq_len": 128, "batch_size": 8, "learning_rate": 3e-3,
+    "output_dir": "runs/te-llama-tiny", "max_seq_len": 128, "learning_rate": 3e-3,
     "max_steps": 60, "eval_every": 20, "save_every": 30, "warmup_ratio": 0.1, "eval_fraction": 0.1,
 }
 FIELD_NAMES = {f.name for f in fields(FinetuneConfig)}

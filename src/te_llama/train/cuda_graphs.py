@@ -34,7 +34,7 @@ from ..errors import BackendUnavailableError
 from ..model.convert import CONVERSION_ATTR, decoder_layers
 from ..model.token_layout import TokenLayout
 from ..precision import FP8_PRECISIONS, check_precision_available, make_recipe
-from .gpu_memory import available_bytes
+from .gpu_memory import available_bytes, optimizer_state_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -386,7 +386,7 @@ def graphs_leave_room(model: nn.Module, device: torch.device, headroom_bytes: in
     graphs = installed_graphs(model)
     in_place = {id(w) for weights in graphs.grad_buffers.values() for w in weights} if graphs else set()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    moments = 2 * sum(p.numel() * p.element_size() for p in trainable)
+    moments = optimizer_state_bytes(model)
     other_grads = 0 if grads_allocated else \
         sum(p.numel() * p.element_size() for p in trainable if id(p) not in in_place)
     need = moments + other_grads + headroom_bytes

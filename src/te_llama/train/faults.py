@@ -9,6 +9,7 @@ message says how much was asked of the GPU and which options lower it.
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import threading
 from types import FrameType
@@ -64,15 +65,28 @@ def signal_name(signum: int) -> str:
     return signal.Signals(signum).name
 
 
-def out_of_memory(device: torch.device, tokens_per_micro_batch: int, options: list[str], where: str) -> OutOfMemory:
-    """The error to raise for a torch.OutOfMemoryError, after freeing what the failed step held."""
+def allocation_report(error: BaseException | None) -> str:
+    """From torch's out-of-memory message: the request that failed, and the memory reserved but unallocated
+    (fragmentation), e.g. "tried to allocate 1.95 GiB; 3.10 GiB reserved but unallocated"; "" if absent."""
+    text = str(error or "")
+    found = [re.search(r"Tried to allocate ([\d.]+ [KMG]iB)", text),
+             re.search(r"([\d.]+ [KMG]iB) is reserved by PyTorch but unallocated", text)]
+    parts = [f"tried to allocate {found[0][1]}" if found[0] else "",
+             f"{found[1][1]} reserved but unallocated" if found[1] else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def out_of_memory(device: torch.device, tokens_per_micro_batch: int, options: list[str], where: str,
+                  error: BaseException | None = None) -> OutOfMemory:
+    """The error to raise for a torch.OutOfMemoryError (`error`), after freeing what the failed step held."""
     detail = ""
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         peak = torch.cuda.max_memory_reserved(device)
         torch.cuda.empty_cache()
+        report = allocation_report(error)
         detail = (f" ({torch.cuda.get_device_name(device)}: {total / 2**30:.1f} GiB, peak reserved by this run "
-                  f"{peak / 2**30:.1f} GiB)")
+                  f"{peak / 2**30:.1f} GiB{'; ' + report if report else ''})")
     fixes = "; ".join(options)
     return OutOfMemory(f"out of GPU memory {where}{detail} with {tokens_per_micro_batch:,} tokens per micro-batch. "
                        f"Lower the memory it needs: {fixes}")

@@ -47,6 +47,12 @@ def limit_memory(device: torch.device, max_memory_gib: float | None) -> int | No
     return cap
 
 
+def optimizer_state_bytes(model: torch.nn.Module) -> int:
+    """AdamW's two moments, each the size and dtype of its trainable parameter (torch's AdamW and te-llama's
+    Triton update alike); allocated at the first step, so planning before it counts them here."""
+    return 2 * sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
 def available_bytes(device: torch.device, cap: int | None) -> int:
     """What ordinary allocations can still get, within the cap: free GPU memory once the allocator has
     returned its unused cached blocks. (Blocks cached in a CUDA graph's private pool stay reserved and

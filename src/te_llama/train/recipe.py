@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,7 @@ from ..model.convert import decoder_layers
 from ..model.hf_checkpoint import save_pretrained
 from ..model.source import resolve_model
 from ..precision import DEFAULT_FP8, autocast
+from .batch_plan import plan_batch
 from .batching import (
     Batch,
     collate_packed,
@@ -58,6 +59,7 @@ from .run_dir import (
     eval_split_seed,
     prepare_output_dir,
     resume_command,
+    saved_resolved,
 )
 from .lora_run import export_lora, model_config, resolve_lora
 from .setup import check_model_limits, load_model_and_tokenizer, resolve_runtime
@@ -227,7 +229,14 @@ def start_run(config: FinetuneConfig) -> Run:
     resolve_lora(config, runtime.backend, model_config(model_path))  # a bad LoRA setting, before loading
     torch.manual_seed(config.seed)
     model, tokenizer = load_model_and_tokenizer(config, runtime, model_path)
-    resolve_features(config, runtime, model, world, log=False)  # what only the model can rule out, still before writing
+    # what only the model can rule out, still before writing
+    features = resolve_features(config, runtime, model, world, log=False)
+    ours = runtime.backend != "hf"  # te-llama layers take the packed layout from the host
+    plan = plan_batch(config, runtime, model, features.fused_loss, ours, tokenizer.pad_token_id,
+                      recorded=saved_resolved(out) if config.resume else None)
+    if config.batch_size == "auto":
+        resolved["batch_size"] = str(plan.batch_size)
+    as_given, config = config, replace(config, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
     data = config.data or str(asset_path(SAMPLE_TEXT))
     fingerprint = data_fingerprint(data, tokenizer, config.data_split)
     if config.resume:
@@ -238,13 +247,12 @@ def start_run(config: FinetuneConfig) -> Run:
                                          config.assistant_only_loss, config.long_rows, config.on_bad_rows,
                                          split=config.data_split, fingerprint=fingerprint)
     if main:
-        prepare_output_dir(config, world, fingerprint, resolved)
+        prepare_output_dir(as_given, world, fingerprint, resolved)
         sweep_interrupted_exports(out)
         sweep_incomplete(out / "checkpoints")
         (out / "data_report.json").write_text(json.dumps(asdict(report), indent=2))
     accelerator.wait_for_everyone()
     train_set, eval_set = split_eval(examples, config.eval_fraction, eval_split_seed(config))
-    ours = runtime.backend != "hf"  # te-llama layers take the packed layout from the host
     train = BatchSource(train_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours)
     evals = BatchSource(eval_set, config, tokenizer.pad_token_id, with_cu_seqlens=ours) if eval_set is not None else None
     steps = total_steps(config, train, world)
@@ -319,11 +327,11 @@ def train(run: Run) -> tuple[float, float | None, list[float]]:
                     raise TrainingInterrupted(f"{signal_name(signum)}: stopped after step {position.step} of "
                                               f"{run.steps}; checkpoint saved in {run.checkpoints}. Continue with: "
                                               f"{resume_command()}", signum)
-    except torch.OutOfMemoryError:
+    except torch.OutOfMemoryError as error:
         raise out_of_memory(device, config.batch_size * config.max_seq_len,
                             memory_fixes(config, run.runtime, run.step.graph_shape is not None,
                                          len(decoder_layers(run.step.raw_model))),
-                            f"at step {position.step + 1}") from None
+                            f"at step {position.step + 1}", error) from None
     finally:
         bar.close()
         if run.metrics is not None:

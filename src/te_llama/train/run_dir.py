@@ -181,6 +181,11 @@ def check_resume_resolved(out: Path, resolved: dict[str, str], cuda: bool) -> No
         raise RunDirectoryError(f"--resume: the run in {out} trained with {diffs}; resume it the same way: {flags}")
 
 
+def saved_resolved(out: Path) -> dict[str, str]:
+    """What the run in `out` recorded its "auto" settings to resolve to when it started (empty if nothing)."""
+    return json.loads((out / RUN_CONFIG).read_text()).get("resolved") or {}
+
+
 def eval_split_seed(config: FinetuneConfig) -> int:
     """The seed of the held-out split: fixed for new runs; a resumed run keeps the one it started
     with (runs that predate the record split by their --seed)."""

@@ -280,8 +280,8 @@ def build_train_step(config: FinetuneConfig, runtime: Runtime, model: Any, accel
 
 
 def memory_fixes(config: FinetuneConfig, runtime: Runtime, graphed: bool, layers: int | None = None) -> list[str]:
-    """The options that lower this run's GPU memory, most effective first (`layers`: the model's decoder
-    layers, when known)."""
+    """The options that lower this run's GPU memory, most effective first (`config` as planned: a number of
+    examples per micro-batch, not "auto"; `layers`: the model's decoder layers, when known)."""
     fixes = [f"--batch-size {max(1, config.batch_size // 2)} (now {config.batch_size}; add --grad-accum "
              f"{2 * config.grad_accum} to keep the batch)" if config.batch_size > 1 else
              f"--max-seq-len {max(1, config.max_seq_len // 2)} (now {config.max_seq_len})"]
