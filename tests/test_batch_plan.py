@@ -129,3 +129,14 @@ def test_when_not_even_one_example_fits_the_run_stops_before_writing_anything(tm
         finetune(resolve_config(output_dir=str(out), cache_dir=str(tmp_path / "cache"), tensorboard=False,
                                 max_steps=1, max_seq_len=64))
     assert not out.exists()
+
+
+def test_a_run_started_with_a_number_resumes_with_it_when_batch_size_is_left_at_auto(tmp_path) -> None:
+    """Runs of earlier versions recorded batch_size 8 (then the default); resuming without the flag continues
+    them as they started instead of refusing the changed setting."""
+    settings = {"output_dir": str(tmp_path / "run"), "cache_dir": str(tmp_path / "cache"), "tensorboard": False,
+                "max_steps": 4, "max_seq_len": 64, "eval_every": 100, "save_every": 2}
+    finetune(resolve_config(batch_size=4, stop_after_steps=2, **settings))
+    finetune(resolve_config(resume=True, **settings))
+    whole = finetune(resolve_config(**(settings | {"output_dir": str(tmp_path / "whole")}), batch_size=4))
+    assert losses(tmp_path / "run") == losses(whole.output_dir)

@@ -60,6 +60,7 @@ from .run_dir import (
     prepare_output_dir,
     resume_command,
     saved_resolved,
+    with_started_batch_size,
 )
 from .lora_run import export_lora, model_config, resolve_lora
 from .setup import check_model_limits, load_model_and_tokenizer, resolve_runtime
@@ -206,6 +207,7 @@ class Run:
 
 def start_run(config: FinetuneConfig) -> Run:
     """Every check before any slow work; the first write only once model and data are known good."""
+    config = with_started_batch_size(config)
     runtime = resolve_runtime(config)
     resolved = {"backend": runtime.backend,  # "fp8" recorded as the recipe it stands for today
                 "precision": DEFAULT_FP8 if runtime.precision == "fp8" else runtime.precision,

@@ -13,7 +13,7 @@ import json
 import logging
 import shutil
 import sys
-from dataclasses import asdict, fields
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 
 from ..errors import TeLlamaError
@@ -179,6 +179,16 @@ def check_resume_resolved(out: Path, resolved: dict[str, str], cuda: bool) -> No
         diffs = ", ".join(f"{k} {previous[k]} (now {resolved[k]})" for k in changed)
         flags = " ".join(f"--{k.replace('_', '-')} {previous[k]}" for k in changed)
         raise RunDirectoryError(f"--resume: the run in {out} trained with {diffs}; resume it the same way: {flags}")
+
+
+def with_started_batch_size(config: FinetuneConfig) -> FinetuneConfig:
+    """A run resumed with --batch-size left at auto keeps the number it started with, if it started with one
+    (given explicitly, or the fixed default of earlier versions)."""
+    saved = Path(config.output_dir) / RUN_CONFIG
+    if not (config.resume and config.batch_size == "auto" and saved.is_file()):
+        return config
+    started = json.loads(saved.read_text()).get("batch_size")
+    return replace(config, batch_size=started) if isinstance(started, int) else config
 
 
 def saved_resolved(out: Path) -> dict[str, str]:
