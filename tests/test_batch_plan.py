@@ -140,3 +140,26 @@ def test_a_run_started_with_a_number_resumes_with_it_when_batch_size_is_left_at_
     finetune(resolve_config(resume=True, **settings))
     whole = finetune(resolve_config(**(settings | {"output_dir": str(tmp_path / "whole")}), batch_size=4))
     assert losses(tmp_path / "run") == losses(whole.output_dir)
+
+
+def _agree(rank: int, store_path: str, results) -> None:
+    import torch.distributed as dist
+
+    from te_llama.train.batch_plan import _fullest_gpu
+
+    dist.init_process_group("gloo", store=dist.FileStore(store_path, 2), rank=rank, world_size=2)
+    cpu = torch.device("cpu")
+    results[rank] = (_fullest_gpu([3.0, None][rank], cpu, dist.ReduceOp.MAX),
+                     _fullest_gpu([5.0, 7.0][rank], cpu, dist.ReduceOp.MAX),
+                     _fullest_gpu([5.0, 7.0][rank], cpu, dist.ReduceOp.MIN))
+    dist.destroy_process_group()
+
+
+def test_processes_agree_on_every_probe_an_out_of_memory_one_counting_as_the_largest(tmp_path) -> None:
+    """Each process decides from the same numbers, so all probe the same sizes (FP8 delayed scaling reduces
+    amaxes across processes inside every probe)."""
+    import torch.multiprocessing as mp
+
+    results = mp.Manager().dict()
+    mp.spawn(_agree, args=(str(tmp_path / "store"), results), nprocs=2)
+    assert results[0] == results[1] == (None, 7.0, 5.0)

@@ -67,7 +67,7 @@ def plan_batch(config: FinetuneConfig, runtime: Runtime, model: Any, fused_loss:
                pad_token_id: int, recorded: dict[str, str] | None = None) -> BatchPlan:
     """What `--batch-size auto` means for this run: the split recorded when the run started (resuming),
     AUTO_BATCH_SIZE without a GPU to plan for or under FSDP2 (the probes would run the unsharded model),
-    else the largest micro-batch whose measured need fits, the smallest of every process's."""
+    else the largest micro-batch whose measured need fits on every process's GPU."""
     if config.batch_size != "auto":
         return BatchPlan(config.batch_size, config.grad_accum)
     if recorded and "batch_size" in recorded:
@@ -77,12 +77,10 @@ def plan_batch(config: FinetuneConfig, runtime: Runtime, model: Any, fused_loss:
         return BatchPlan(AUTO_BATCH_SIZE, config.grad_accum)
     can_split = config.overlap_optimizer is not True  # asked for: needs one micro-batch per step
     micro = fitting_micro_batch(model, config, runtime, fused_loss, with_cu_seqlens, pad_token_id, can_split)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():  # the fullest GPU decides
-        agreed = torch.tensor([micro], device=runtime.device)
-        torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-        micro = int(agreed.item())
     if micro == 0:
         raise _nothing_fits(config, runtime, can_split)
+    if runtime.device.type == "cuda":  # the run's reported peaks are training's, not the probes'
+        torch.cuda.reset_peak_memory_stats(runtime.device)
     plan = BatchPlan(micro, config.grad_accum * AUTO_BATCH_SIZE // micro)
     logger.info("batch size auto: %d examples per step in %d micro-batch%s of %d (%s tokens each)",
                 AUTO_BATCH_SIZE * config.grad_accum, plan.grad_accum, "" if plan.grad_accum == 1 else "es",
@@ -102,29 +100,39 @@ def fitting_micro_batch(model: Any, config: FinetuneConfig, runtime: Runtime, fu
     usable = runtime.memory_cap or torch.cuda.get_device_properties(device).total_memory
     state = optimizer_state_bytes(model)
     limit = room - state - HEADROOM_BYTES - HEADROOM_SHARE * usable
+    limit = _fullest_gpu(limit, device, torch.distributed.ReduceOp.MIN)
     logger.info("batch size auto: %.1f GiB free for training, less AdamW's state (%.1f GiB) and the headroom: "
                 "%.1f GiB for a micro-batch", room / 2**30, state / 2**30, limit / 2**30)
     sizes = [2**k for k in range(AUTO_BATCH_SIZE.bit_length()) if can_split or 2**k == AUTO_BATCH_SIZE]
 
-    def logged_probe(micro: int) -> int | None:
-        peak = probe(micro)
+    def logged_probe(micro: int) -> float | None:
+        # every process probes the same sizes in the same order: FP8 delayed scaling reduces amaxes across them
+        peak = _fullest_gpu(probe(micro), device, torch.distributed.ReduceOp.MAX)
         logger.info("batch size auto: %d x %s tokens took %s", micro, f"{config.max_seq_len:,}",
                     "more than there is" if peak is None else f"{peak / 2**30:.1f} GiB")
         return peak
 
-    micro = largest_fitting(sizes, logged_probe, limit)
-    torch.cuda.reset_peak_memory_stats(device)  # the run's reported peaks are training's, not the probes'
-    return micro
+    return largest_fitting(sizes, logged_probe, limit)
 
 
-def largest_fitting(sizes: list[int], probe: Callable[[int], int | None], limit: float) -> int:
+def _fullest_gpu(value: float | None, device: torch.device, op: Any) -> float | None:
+    """`value` reduced over the processes (None, out of memory, counts as the largest), so that every process
+    decides alike; as is with one process."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return value
+    agreed = torch.tensor([float("inf") if value is None else float(value)], device=device, dtype=torch.float64)
+    torch.distributed.all_reduce(agreed, op=op)
+    return None if agreed.item() == float("inf") else agreed.item()
+
+
+def largest_fitting(sizes: list[int], probe: Callable[[int], float | None], limit: float) -> int:
     """The largest of the ascending `sizes` whose `probe` (bytes; None: out of memory) is within `limit`, or 0.
 
     A size is probed only if the line through the last two probes predicts it fits: a probe that runs out
     of memory leaves several GiB that training then lacks. (A pass's peak is the larger of a part that
     grows with the tokens and one that does not, so the first probes can flatter the slope; the line
     through the last two is the closest.)"""
-    found: dict[int, int] = {}
+    found: dict[int, float] = {}
     best = 0
     for size in sizes:
         done = sorted(found)[-2:]

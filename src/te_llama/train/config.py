@@ -90,7 +90,7 @@ class FinetuneConfig:
     batch_size: int | Literal["auto"] = "auto"
     """Examples per micro-batch (padding), or the token budget batch_size * max_seq_len (packing). auto: 8 per
     optimizer step, split into 2, 4 or 8 micro-batches (with gradient accumulation) when a probe at the start
-    finds they do not fit the GPU (or --max-memory) together; on a CPU, 8."""
+    finds they do not fit the GPU (or --max-memory) together; on a CPU and under FSDP2, 8."""
     grad_accum: int = 1
     """Micro-batches per optimizer step."""
     seed: int = 0

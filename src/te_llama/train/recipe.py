@@ -239,6 +239,7 @@ def start_run(config: FinetuneConfig) -> Run:
     if config.batch_size == "auto":
         resolved["batch_size"] = str(plan.batch_size)
     as_given, config = config, replace(config, batch_size=plan.batch_size, grad_accum=plan.grad_accum)
+    resolve_features(config, runtime, model, world, log=False)  # an explicit feature the split rules out: now
     data = config.data or str(asset_path(SAMPLE_TEXT))
     fingerprint = data_fingerprint(data, tokenizer, config.data_split)
     if config.resume:
