@@ -155,6 +155,8 @@ def can_probe(config: FinetuneConfig, runtime: Runtime) -> bool:
 def _nothing_fits(config: FinetuneConfig, runtime: Runtime, can_split: bool) -> OutOfMemory:
     smallest = 1 if can_split else AUTO_BATCH_SIZE
     fixes = memory_fixes(replace(config, batch_size=smallest, grad_accum=config.grad_accum), runtime, graphed=False)
+    if can_split and len(fixes) > 1 and fixes[1].startswith("--activation-checkpointing"):
+        fixes[:2] = fixes[1::-1]  # recompute before a shorter --max-seq-len, which would cut the examples
     if not can_split:
         fixes.insert(0, "drop --overlap-optimizer (it needs one micro-batch per step, so auto cannot split the "
                         "batch)")
