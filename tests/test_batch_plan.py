@@ -11,25 +11,11 @@ from te_llama.cli import build_parser
 from te_llama.model.builtin import builtin_model, builtin_tokenizer
 from te_llama.model.convert import convert
 from te_llama.train import batch_plan
-from te_llama.train.batch_plan import AUTO_BATCH_SIZE, BatchPlan, largest_fitting, probe_peak, split_batch
+from te_llama.train.batch_plan import AUTO_BATCH_SIZE, largest_fitting, probe_peak
 from te_llama.train.config import ConfigError, FinetuneConfig, resolve_config
 from te_llama.train.metrics import read_metrics
 from te_llama.train.recipe import finetune
 from te_llama.train.step import Runtime
-
-
-def test_split_halves_the_micro_batch_until_it_fits_and_keeps_the_step_batch() -> None:
-    tried = []
-
-    def fits_two(micro: int) -> bool:
-        tried.append(micro)
-        return micro <= 2
-
-    assert split_batch(8, 1, fits_two) == BatchPlan(2, 4)
-    assert tried == [8, 4, 2]
-    assert split_batch(8, 3, fits_two) == BatchPlan(2, 12)
-    assert split_batch(8, 1, lambda micro: True) == BatchPlan(8, 1)
-    assert split_batch(8, 1, lambda micro: False) is None
 
 
 def test_the_largest_fitting_size_is_found_without_probing_one_predicted_not_to_fit() -> None:

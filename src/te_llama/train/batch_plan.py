@@ -52,17 +52,6 @@ class BatchPlan:
     """Micro-batches per optimizer step."""
 
 
-def split_batch(batch_size: int, grad_accum: int, fits: Callable[[int], bool]) -> BatchPlan | None:
-    """The largest micro-batch, halving from `batch_size`, for which `fits` holds, with the accumulation that
-    keeps `batch_size * grad_accum` examples per step; None when not even one example fits."""
-    micro = batch_size
-    while not fits(micro):
-        if micro == 1:
-            return None
-        micro //= 2
-    return BatchPlan(micro, grad_accum * batch_size // micro)
-
-
 def plan_batch(config: FinetuneConfig, runtime: Runtime, model: Any, fused_loss: bool, with_cu_seqlens: bool,
                pad_token_id: int, recorded: dict[str, str] | None = None) -> BatchPlan:
     """What `--batch-size auto` means for this run: the split recorded when the run started (resuming),
