@@ -59,10 +59,12 @@ def packed_batches(vocab: int, count: int, seed: int = 0) -> list[dict]:
 
 
 def train(model, batches: list[dict], precision: str, grad_accum: int, layerwise: bool = False,
-          reused_grad_buffers: int = 0, kernel: str = "torch", track_updates: bool = False) -> list[float]:
+          reused_grad_buffers: int = 0, kernel: str = "torch", track_updates: bool = False,
+          in_backward: bool = True, defer: bool = True, max_norm: float = 0.0) -> list[float]:
     """AdamW steps of `grad_accum` micro-batches each; the mean micro-batch loss per step."""
     optimizer = LayerwiseAdamW(model, list(decoder_layers(model)), reused_grad_buffers=reused_grad_buffers,
-                               kernel=kernel, lr=1e-4, fused=True) if layerwise else \
+                               kernel=kernel, in_backward=in_backward, defer_to_next_forward=defer, lr=1e-4,
+                               fused=True) if layerwise else \
         torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     if track_updates:  # FP8 graphs cast the weights only in the first micro-batch after a step
         installed_graphs(model).track_weight_updates(optimizer)
@@ -74,6 +76,8 @@ def train(model, batches: list[dict], precision: str, grad_accum: int, layerwise
                 loss = model(**inputs).loss
             (loss / grad_accum).backward()
             total += float(loss.detach()) / grad_accum
+        if max_norm:
+            torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(total)
@@ -165,6 +169,32 @@ def test_layerwise_adamw_trains_like_adamw(precision: str, graphs: bool, shared:
         assert param_gap <= GRAPH_PARAM_REL_L2[family(precision)]
     else:
         assert loss_gap <= TRITON_LOSS_REL and param_gap <= TRITON_PARAM_REL_L2[family(precision)]
+
+
+@pytest.mark.parametrize(("graphs", "grad_accum", "max_norm"), [(True, 2, 1.0), (True, 1, 0.5), (False, 2, 0.0)])
+def test_updates_deferred_to_the_next_forward_train_bit_identically(graphs: bool, grad_accum: int, max_norm: float,
+                                                                      record_metric) -> None:
+    """LayerwiseAdamW after backward: updates queued on the side stream and awaited layer by layer in the next
+    forward give the same training as the same kernel awaited at the end of step() (clipping, accumulation)."""
+    hf = random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
+    inline = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
+    deferred = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
+    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
+    if graphs:
+        most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
+        for model in (inline, deferred):
+            capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), "fp8-delayed",
+                                accumulate_grads=grad_accum > 1)
+    settings = {"layerwise": True, "kernel": "triton", "in_backward": False, "max_norm": max_norm}
+    initial = [p.detach().clone() for p in inline.parameters()]
+    want = train(inline, batches, "fp8-delayed", grad_accum, defer=False, **settings)
+    got = train(deferred, batches, "fp8-delayed", grad_accum, defer=True, **settings)
+    torch.cuda.synchronize()
+    record_metric(graphs=graphs, grad_accum=grad_accum, max_norm=max_norm, inline_losses=want, deferred_losses=got)
+    assert all(bool((p != p0).any()) for p, p0 in zip(inline.parameters(), initial) if p.dim() == 2)
+    assert got == want
+    for (name, p), q in zip(inline.named_parameters(), deferred.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
 def twin_graphed_models(arch: str, precision: str, **capture) -> tuple[nn.Module, nn.Module, list[dict]]:

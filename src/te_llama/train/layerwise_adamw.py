@@ -12,6 +12,13 @@ needs every gradient first) and no gradient all-reduce (one process). A second b
 recompute, and a recompute that runs them again sees the input it already hooked and adds no
 second hook. The embeddings, the final norm and the lm_head are updated in `step()`.
 
+Where the gradients are final only after backward (clipping, gradient accumulation, DDP), the
+updates still leave the critical path on CUDA: `step()` queues them on the second stream, the rest
+(embeddings, final norm, lm_head) first, then layer by layer in forward order, and the next forward
+of each layer waits for its own update only. The memory-bound update then shares the GPU with the
+next forward's GEMMs. Anything else that reads the weights or the optimizer state between steps
+calls `join()` first (checkpoints, export).
+
 It is a `torch.optim.AdamW` with one parameter group per decoder layer (and one for the rest):
 `state_dict`, learning-rate schedulers and `zero_grad` behave as usual, and on CPU the layer
 updates simply run inline.
@@ -49,11 +56,13 @@ class LayerwiseAdamW(torch.optim.AdamW):
     """AdamW whose per-layer updates start from backward hooks; `step()` does the rest and joins."""
 
     def __init__(self, model: nn.Module, layers: Sequence[nn.Module], reused_grad_buffers: int = 0,
-                 kernel: str = "torch", in_backward: bool = True, **adamw_kwargs: Any) -> None:
+                 kernel: str = "torch", in_backward: bool = True, defer_to_next_forward: bool = True,
+                 **adamw_kwargs: Any) -> None:
         """reused_grad_buffers=N: layer i's weight gradients live in buffer set i % N
         (`capture_cuda_graphs(shared_grad_buffers=N)`); the backward of each layer then waits
-        for the update of the layer N above it, the buffer's previous user. in_backward=False: no
-        layer hooks: every update in `step()`."""
+        for the update of the layer N above it, the buffer's previous user. in_backward=False: every
+        update starts in `step()`; on CUDA each layer's is awaited by its next forward
+        (defer_to_next_forward=False: by the end of `step()`)."""
         layer_groups = [[p for p in layer.parameters() if p.requires_grad] for layer in layers]
         groups = param_groups_by_layer(model, layers)
         if not groups:
@@ -78,11 +87,19 @@ class LayerwiseAdamW(torch.optim.AdamW):
         self._hooks = []
         self._watched: dict[int, weakref.ref] = {}
         """Group i -> the layer input its backward hook sits on (this step's forward)."""
-        self._layers = [layer for layer, params in zip(layers, layer_groups) if params] if in_backward else []
+        grouped = [layer for layer, params in zip(layers, layer_groups) if params]  # group i's layer
+        self._layer_count = len(grouped)
+        self._layers = grouped if in_backward else []
         """Group i's layer, for the groups updated from backward hooks."""
         for index, layer in enumerate(self._layers):
             self._hooks.append(layer.register_forward_pre_hook(
                 functools.partial(self._watch_layer_input, index), with_kwargs=True))
+        self._deferred = not in_backward and defer_to_next_forward and self._side_stream is not None
+        self._pending: dict[int, torch.cuda.Event] = {}
+        """Group i -> the event after its update, queued by `step()`; awaited by layer i's next forward."""
+        if self._deferred:
+            for index, layer in enumerate(grouped):
+                self._hooks.append(layer.register_forward_pre_hook(functools.partial(self._await_update, index)))
 
     def _watch_layer_input(self, group_index: int, layer: nn.Module, args: tuple, kwargs: dict) -> None:
         """On a training forward: hook the layer's input, whose gradient is the last thing its backward makes."""
@@ -144,10 +161,52 @@ class LayerwiseAdamW(torch.optim.AdamW):
                                           int(state["step"]), float(group["lr"]), group["betas"], group["eps"],
                                           group["weight_decay"])
 
+    def _await_update(self, group_index: int, layer: nn.Module, args: tuple) -> None:
+        pending = self._pending.pop(group_index, None)
+        if pending is not None:
+            torch.cuda.current_stream().wait_event(pending)
+
+    def join(self) -> None:
+        """Make the current stream wait for every queued update (before reading weights or optimizer state
+        outside a forward: checkpoints, export)."""
+        if self._side_stream is not None:
+            torch.cuda.current_stream().wait_stream(self._side_stream)
+        self._pending.clear()
+
+    def state_dict(self) -> dict[str, Any]:
+        self.join()
+        return super().state_dict()
+
+    def _queue_updates(self) -> None:
+        """Every update on the side stream once the gradients are final, the rest first (awaited here:
+        the forward starts with the embeddings and the loss reads the lm_head), then each layer in
+        forward order, awaited by that layer's next forward."""
+        main, side = torch.cuda.current_stream(), self._side_stream
+        self.join()  # a layer whose forward did not run since the last step
+        side.wait_stream(main)  # backward, clipping and DDP's all-reduce are done
+        with torch.cuda.stream(side):
+            if len(self.param_groups) > self._layer_count:
+                self._update(self.param_groups[self._layer_count:])
+            rest_done = torch.cuda.Event()
+            rest_done.record()
+            for index in range(self._layer_count):
+                self._update([self.param_groups[index]])
+                self._pending[index] = torch.cuda.Event()
+                self._pending[index].record()
+        main.wait_event(rest_done)
+        for group in self.param_groups:  # zero_grad frees them on the main stream while the side stream reads
+            for param in group["params"]:
+                if param.grad is not None:
+                    param.grad.record_stream(side)
+
     def step(self, closure: None = None) -> None:
-        """Update what backward did not (embeddings, final norm, lm_head), then wait for the layer updates."""
+        """Update what backward did not (embeddings, final norm, lm_head), then wait for the layer updates
+        (or, with no updates in backward, queue them for the next forward)."""
         if closure is not None:
             raise ValueError("LayerwiseAdamW.step takes no closure (its updates start inside backward)")
+        if self._deferred:
+            self._queue_updates()
+            return
         pending_layers = [i for i in range(len(self._layers)) if i not in self._stepped]
         if pending_layers:  # layers whose backward hook did not fire (e.g. the input needed no gradient)
             self._update([self.param_groups[i] for i in pending_layers])

@@ -196,6 +196,7 @@ class Run:
 
     def save_checkpoint(self) -> None:
         config, step = self.config, self.step
+        step.settle()
         if config.parallel == "fsdp2":  # every rank writes its shards
             save_sharded_checkpoint(self.checkpoints, self.position, step.raw_model, step.optimizer, step.scheduler,
                                     config.keep_last, trainable_only=config.lora)
@@ -346,6 +347,7 @@ def finetune(config: FinetuneConfig) -> FinetuneResult:
     run = start_run(config)
     last_loss, eval_loss, speeds = train(run)
     exported = None
+    run.step.settle()
     if run.position.step == run.steps:  # finished: the HF export (LoRA: the PEFT adapter)
         fsdp, lora = config.parallel == "fsdp2", config.lora and not config.merge_lora
         gathered = full_state_dict(run.step.raw_model, trainable_only=lora) if fsdp else None  # every rank takes part

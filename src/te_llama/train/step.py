@@ -133,8 +133,9 @@ def make_optimizer(config: FinetuneConfig, runtime: Runtime, model: Any, feature
     groups = param_groups_by_layer(model, decoder_layers(model)) if layered else \
         [{"params": [p for p in model.parameters() if p.requires_grad]}]
     adamw = {"lr": config.learning_rate, "weight_decay": config.weight_decay, "fused": runtime.device.type == "cuda"}
-    logger.info("optimizer: AdamW, %s kernel%s", features.optimizer_kernel,
-                ", each layer updated during backward" if features.overlap_optimizer else "")
+    overlap = ", each layer updated during backward" if features.overlap_optimizer else \
+        ", each layer's update overlapping its next forward" if features.optimizer_kernel == "triton" else ""
+    logger.info("optimizer: AdamW, %s kernel%s", features.optimizer_kernel, overlap)
     if not features.overlap_optimizer and features.optimizer_kernel == "torch":
         return torch.optim.AdamW(groups, **adamw)
     return LayerwiseAdamW(model, decoder_layers(model), reused_grad_buffers=shared_grad_buffers(config, features),
@@ -204,6 +205,13 @@ class TrainStep:
         if self.runtime.precision in FP8_PRECISIONS:  # FP8 weights cast once per step (LoRA: once), not per micro-batch
             optimizer = getattr(self.optimizer, "optimizer", self.optimizer)
             installed_graphs(self.raw_model).track_weight_updates(None if self.config.lora else optimizer)
+
+    def settle(self) -> None:
+        """Wait for the optimizer's queued updates (LayerwiseAdamW overlaps them with the next forward) before
+        anything outside a step reads the weights: checkpoints, export."""
+        join = getattr(getattr(self.optimizer, "optimizer", self.optimizer), "join", None)
+        if join is not None:
+            join()
 
     def loss_bytes(self) -> int:
         """What the loss allocates beside the graphs: a chunk of BF16 logits and the lm_head's
