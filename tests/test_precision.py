@@ -50,7 +50,7 @@ def test_bf16_autocast_runs_the_reference_model_on_cpu() -> None:
 
 
 @pytest.mark.parametrize(("available", "want"), [(True, AUTO_FP8), (False, "bf16")])
-def test_auto_precision_is_the_qualified_fp8_recipe_only_on_one_fp8_gpu(monkeypatch, available, want) -> None:
+def test_auto_precision_is_the_qualified_fp8_recipe_on_fp8_gpus_outside_fsdp2(monkeypatch, available, want) -> None:
     import sys
     import types
 
@@ -60,8 +60,7 @@ def test_auto_precision_is_the_qualified_fp8_recipe_only_on_one_fp8_gpu(monkeypa
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *args: "GPU")
     monkeypatch.setattr(te_llama.precision, "te_import_error", lambda: None)  # the fake TE above imports
     assert auto_precision(cuda=True, backend="te")[0] == want
-    assert auto_precision(cuda=True, backend="te", processes=2) == ("bf16", "several processes (FP8 is chosen with "
-                                                                            "--precision)")
+    assert auto_precision(cuda=True, backend="te", fsdp2=True) == ("bf16", "FSDP2 (FP8 is chosen with --precision)")
     assert auto_precision(cuda=True, backend="hf")[0] == "bf16"
     assert auto_precision(cuda=False, backend="reference") == ("fp32", "no GPU")
     assert AUTO_FP8 in PRECISIONS

@@ -60,16 +60,17 @@ def make_recipe(precision: str) -> Any:
     return recipe.MXFP8BlockScaling()
 
 
-def auto_precision(cuda: bool, backend: str, processes: int = 1) -> tuple[str, str]:
-    """What `--precision auto` means here, and why: AUTO_FP8 with TE on one FP8-capable GPU (Ada,
-    Hopper or newer; measured on H100/H200), BF16 on other GPUs, in several processes (FP8 there is
-    not yet measured) and with backend hf, FP32 on CPU."""
+def auto_precision(cuda: bool, backend: str, fsdp2: bool = False) -> tuple[str, str]:
+    """What `--precision auto` means here, and why: AUTO_FP8 with TE on FP8-capable GPUs (Ada,
+    Hopper or newer; measured on H100/H200), in one process or under DDP (delayed scaling reduces its
+    amaxes across the processes, so every replica scales alike); BF16 on other GPUs, under FSDP2 and
+    with backend hf; FP32 on CPU."""
     if not cuda:
         return "fp32", "no GPU"
     if backend != "te":
         return "bf16", f"backend {backend} has no FP8"
-    if processes > 1:
-        return "bf16", "several processes (FP8 is chosen with --precision)"
+    if fsdp2:
+        return "bf16", "FSDP2 (FP8 is chosen with --precision)"
     if te_import_error():
         return "bf16", f"Transformer Engine not importable ({te_import_error()})"
     import transformer_engine.pytorch as te

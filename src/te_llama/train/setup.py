@@ -6,7 +6,6 @@ Every check here reads configs only, so bad settings fail before the slow loadin
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,7 @@ def resolve_runtime(config: FinetuneConfig) -> Runtime:
     fp8_base = config.lora and config.lora_base == "fp8"
     if precision == "auto":
         precision, why = fp8_base_precision(backend) if fp8_base else \
-            auto_precision(cuda, backend, int(os.environ.get("WORLD_SIZE") or 1))
+            auto_precision(cuda, backend, fsdp2=config.parallel == "fsdp2")
         logger.info("precision auto: %s (%s)", precision, why)
     if precision in FP8_PRECISIONS and backend != "te":
         raise ConfigError(f"--precision {precision} needs --backend te (FP8 GEMMs are Transformer Engine's)")
