@@ -31,8 +31,9 @@ WORDS = ("the model reads tokens and learns which word follows another across ma
          "optimizer moves weights a little at every step so that held out text becomes less surprising").split()
 
 
-def make_checkpoint(preset: str, folder: Path) -> None:
-    """Random weights of the preset's shape with the built-in tokenizer (BF16 on a GPU)."""
+def make_checkpoint(preset: str, folder: Path, layers: int | None = None) -> None:
+    """Random weights of the preset's shape (`layers`: that many decoder layers) with the built-in tokenizer
+    (BF16 on a GPU)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -41,6 +42,8 @@ def make_checkpoint(preset: str, folder: Path) -> None:
 
     tokenizer = builtin_tokenizer()
     config = preset_config(preset)
+    if layers:
+        config.num_hidden_layers = layers
     config.bos_token_id, config.eos_token_id = tokenizer.bos_token_id, tokenizer.eos_token_id
     config.pad_token_id = tokenizer.pad_token_id
     device = "cuda" if torch.cuda.is_available() else "cpu"

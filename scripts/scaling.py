@@ -68,11 +68,11 @@ class Row:
     log: str | None = None
 
 
-def preset_checkpoint(preset: str, folder: Path) -> None:
+def preset_checkpoint(preset: str, folder: Path, layers: int | None = None) -> None:
     """finetune_compare's random-weight checkpoint, built in a child process: this one must hold no GPU
     memory (nor a CUDA context) while the runs measure."""
     code = (f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); from pathlib import Path; "
-            f"from finetune_compare import make_checkpoint; make_checkpoint({preset!r}, Path({str(folder)!r}))")
+            f"from finetune_compare import make_checkpoint; make_checkpoint({preset!r}, Path({str(folder)!r}), {layers!r})")
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -164,6 +164,8 @@ def main() -> int:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--preset", help="a built-in model shape (te_llama.model.presets), random weights")
     source.add_argument("--model", help="an HF checkpoint folder (or Hub id)")
+    parser.add_argument("--layers", type=int, help="with --preset: that many decoder layers (memory per layer of "
+                        "a model too large for the GPUs at hand)")
     parser.add_argument("--data", type=Path, help="training data (default: generated chat conversations)")
     parser.add_argument("--rows", type=int, default=2000, help="generated conversations, without --data")
     parser.add_argument("--batch", type=int, default=8, help="--batch-size per GPU (packing: token budget / --seq)")
@@ -190,9 +192,9 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     model = args.model
     if args.preset:
-        folder = args.out / f"model-{args.preset}"
+        folder = args.out / (f"model-{args.preset}" + (f"-{args.layers}-layers" if args.layers else ""))
         if not (folder / "config.json").exists():
-            preset_checkpoint(args.preset, folder)
+            preset_checkpoint(args.preset, folder, args.layers)
         model = str(folder)
     data = args.data
     if data is None:

@@ -27,10 +27,11 @@ def test_scaling_runs_one_and_two_processes_and_reports_their_efficiency(tmp_pat
     out = tmp_path / "scaling"
     proc = subprocess.run([sys.executable, str(SCRIPT), "--preset", "tiny-llama", "--precision", "fp32",
                            "--batch", "2", "--seq", "64", "--steps", "4", "--warmup", "1", "--rows", "200",
-                           "--parallel", "ddp", "fsdp2", "--best-single=", "--out", str(out)],
+                           "--parallel", "ddp", "fsdp2", "--best-single=", "--layers", "2", "--out", str(out)],
                           capture_output=True, text=True, timeout=900, env=os.environ | {"OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((out / "scaling.json").read_text())
+    assert json.loads((out / "model-tiny-llama-2-layers" / "config.json").read_text())["num_hidden_layers"] == 2
     assert [(r["gpus"], r["parallel"], r["status"]) for r in rows] == [
         (1, "single", "ok"), (2, "ddp", "ok"), (2, "fsdp2", "ok"), (1, "single", "ok")]
     assert [r["precision"] for r in rows] == ["fp32"] * 4  # the best single's auto resolved to fp32 on a CPU
