@@ -16,6 +16,7 @@ import argparse
 import json
 import math
 import random
+import re
 import shlex
 import statistics
 import subprocess
@@ -72,9 +73,13 @@ def make_chat_data(path: Path, rows: int, max_tokens: int, seed: int = 0) -> Non
 
 
 def failure_reason(log: Path) -> str:
-    """A failed run's own message: its last `te-llama:` line (the error te-llama prints), else its last line."""
+    """A failed run's own message: its last `te-llama` line (the error te-llama or its argument parser prints),
+    else the last exception line that is not torchrun's own, else its last line."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
-    return next((line for line in reversed(lines) if line.startswith("te-llama:")), lines[-1] if lines else "no output")
+    exception = re.compile(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception): ")
+    return next((line for line in reversed(lines) if line.startswith("te-llama")),
+                next((line for line in reversed(lines) if exception.match(line) and "ChildFailedError" not in line),
+                     lines[-1] if lines else "no output"))
 
 
 def run_row(name: str, flags: list[str], args: argparse.Namespace, model: Path, data: Path) -> dict:

@@ -137,3 +137,24 @@ def test_fsdp2_lora_matches_one_process_and_resumes_its_sharded_adapters(tmp_pat
     assert got.keys() == want.keys() and len(want) == 2 * 7 * 4
     for key, tensor in want.items():
         torch.testing.assert_close(got[key], tensor, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def test_fp8_extra_state_loads_into_a_model_that_has_not_run_fp8_yet(tmp_path) -> None:
+    """TE's extra state is empty until a layer's first FP8 forward; a sharded checkpoint holds it at its saved
+    size. Resized to the saved size first, DCP loads it (without that, DCP refuses the size mismatch)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from te_llama.train.parallel import DataOnlyPlanner, DataOnlyReader, sized_like_saved
+
+    saved = {"layer._extra_state": torch.arange(7, dtype=torch.uint8), "layer.weight": torch.randn(3, 4)}
+    dcp.save({"model": saved}, checkpoint_id=str(tmp_path))
+    fresh = {"layer._extra_state": torch.empty(0, dtype=torch.uint8), "layer.weight": torch.zeros(3, 4)}
+    reader = DataOnlyReader(tmp_path)
+    with pytest.raises(CheckpointException) as refused:
+        dcp.load({"model": dict(fresh)}, storage_reader=DataOnlyReader(tmp_path), planner=DataOnlyPlanner(tmp_path))
+    assert "Size mismatch" in str(refused.value.failures)
+    sized_like_saved(fresh, reader.read_metadata())
+    dcp.load({"model": fresh}, storage_reader=reader, planner=DataOnlyPlanner(tmp_path))
+    assert torch.equal(fresh["layer._extra_state"], saved["layer._extra_state"])
+    assert torch.equal(fresh["layer.weight"], saved["layer.weight"])

@@ -86,3 +86,16 @@ def test_each_precision_runs_every_gpu_count_and_the_best_single_is_the_fastest_
     scaling.add_efficiency(rows)
     assert [r.efficiency for r in rows] == pytest.approx([1.0, 0.9, 1.0, 0.95])  # within each precision
     assert [r.efficiency_vs_best_single for r in rows] == pytest.approx([1.0, 0.9, 1000 / 1500, 1900 / 3000])
+
+
+@pytest.mark.parametrize(("tail", "want"), [
+    (["[rank0]: Traceback (most recent call last):", "[rank0]: ValueError: Size mismatch for x._extra_state"],
+     "[rank0]: ValueError: Size mismatch for x._extra_state"),
+    (["te-llama finetune: error: ambiguous option: --lora could match --lora-rank"],
+     "te-llama finetune: error: ambiguous option: --lora could match --lora-rank")])
+def test_a_failed_run_is_reported_by_its_own_error_not_torchruns_banner(tmp_path, monkeypatch, tail, want) -> None:
+    scaling = load_script(monkeypatch)
+    log = tmp_path / "run.log"
+    log.write_text("\n".join([*tail, "Traceback (most recent call last):",
+                              "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", "=" * 60]))
+    assert scaling.failure_reason(log) == want

@@ -137,8 +137,9 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, 
         raise CheckpointError(f"{path / TRAINER_FILE} is not a te-llama trainer state (scheduler, rng); resume "
                               "from another checkpoint or start a new run")
     reader = DataOnlyReader(path)
-    reader.read_metadata()  # refused here, by every rank, before DCP reads anything
+    metadata = reader.read_metadata()  # refused here, by every rank, before DCP reads anything
     model_state, optim_state = get_state_dict(model, optimizer, options=_options(trainable_only))
+    sized_like_saved(model_state, metadata)
     state = {"model": model_state, "optim": optim_state}
     try:
         dcp.load(state, storage_reader=reader, planner=DataOnlyPlanner(path))
@@ -153,6 +154,17 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, 
     scheduler.load_state_dict(trainer["scheduler"])
     restore_rng_states(trainer["rng"])
     return position
+
+
+def sized_like_saved(model_state: dict[str, Any], metadata: dcp_metadata.Metadata) -> None:
+    """TE's FP8 extra state is an empty tensor until the layer's first FP8 forward, and DCP loads a tensor only
+    into one of the saved size: each extra state of another size is replaced by an empty tensor of the size in
+    the checkpoint, which DCP fills and TE then reads."""
+    for key, value in model_state.items():
+        saved = metadata.state_dict_metadata.get(f"model.{key}")
+        if key.endswith("_extra_state") and torch.is_tensor(value) and \
+                isinstance(saved, dcp_metadata.TensorStorageMetadata) and tuple(value.shape) != tuple(saved.size):
+            model_state[key] = torch.empty(saved.size, dtype=saved.properties.dtype)
 
 
 _METADATA_GLOBALS = {("torch", "Size"): torch.Size,
