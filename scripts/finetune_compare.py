@@ -73,11 +73,12 @@ def make_chat_data(path: Path, rows: int, max_tokens: int, seed: int = 0) -> Non
 
 
 def failure_reason(log: Path) -> str:
-    """A failed run's own message: its last `te-llama` line (the error te-llama or its argument parser prints),
-    else the last exception line that is not torchrun's own, else its last line."""
+    """A failed run's own message: its last `te-llama:` line (the error te-llama prints) or `te-llama ...: error:`
+    line (its argument parser's), else the last exception line that is not torchrun's own, else its last line."""
     lines = [line.strip() for line in log.read_text(errors="replace").splitlines() if line.strip()]
     exception = re.compile(r"^(\[rank\d+\]: )?[\w.]*(Error|Exception): ")
-    return next((line for line in reversed(lines) if line.startswith("te-llama")),
+    own = re.compile(r"^te-llama(:| [\w-]+: error: )")
+    return next((line for line in reversed(lines) if own.match(line)),
                 next((line for line in reversed(lines) if exception.match(line) and "ChildFailedError" not in line),
                      lines[-1] if lines else "no output"))
 

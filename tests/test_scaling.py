@@ -96,6 +96,7 @@ def test_each_precision_runs_every_gpu_count_and_the_best_single_is_the_fastest_
 def test_a_failed_run_is_reported_by_its_own_error_not_torchruns_banner(tmp_path, monkeypatch, tail, want) -> None:
     scaling = load_script(monkeypatch)
     log = tmp_path / "run.log"
-    log.write_text("\n".join([*tail, "Traceback (most recent call last):",
+    log.write_text("\n".join(["te-llama finetune: model=/m backend=te precision=fp8", *tail,
+                              "Traceback (most recent call last):",
                               "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: ", "=" * 60]))
     assert scaling.failure_reason(log) == want

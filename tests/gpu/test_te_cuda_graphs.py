@@ -197,6 +197,23 @@ def test_updates_deferred_to_the_next_forward_train_bit_identically(graphs: bool
         torch.testing.assert_close(q, p, rtol=0, atol=0, msg=name)
 
 
+def test_deferred_updates_are_awaited_by_each_layers_next_forward() -> None:
+    """After step() every layer's update is queued; each layer's next forward takes its own wait off the queue."""
+    hf = random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
+    model = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
+    layers = list(decoder_layers(model))
+    optimizer = LayerwiseAdamW(model, layers, kernel="triton", in_backward=False, lr=1e-4)
+    inputs = packed_batches(hf.config.vocab_size, 1)[0]
+    with te_llama.autocast("bf16"):
+        model(**inputs).loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    assert sorted(optimizer._pending) == list(range(len(layers)))
+    with torch.no_grad(), te_llama.autocast("bf16"):
+        model(**inputs)
+    assert not optimizer._pending
+
+
 def twin_graphed_models(arch: str, precision: str, **capture) -> tuple[nn.Module, nn.Module, list[dict]]:
     """Two TE conversions of one random HF model, both captured as graphs, and packed batches for them."""
     hf = random_hf_model(arch, gpu_size=True, device=DEVICE, dtype=torch.bfloat16)

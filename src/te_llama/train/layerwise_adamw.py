@@ -95,8 +95,10 @@ class LayerwiseAdamW(torch.optim.AdamW):
             self._hooks.append(layer.register_forward_pre_hook(
                 functools.partial(self._watch_layer_input, index), with_kwargs=True))
         self._deferred = not in_backward and defer_to_next_forward and self._side_stream is not None
-        self._pending: dict[int, torch.cuda.Event] = {}
-        """Group i -> the event after its update, queued by `step()`; awaited by layer i's next forward."""
+        self._pending: dict[int, tuple[torch.cuda.Event, list[torch.Tensor]]] = {}
+        """Group i -> the event after its update, queued by `step()`, and the gradients it reads: awaited by
+        layer i's next forward, which then lets the gradients go (zero_grad dropped them on the main stream;
+        held here, their memory is not reused before the update has read them)."""
         if self._deferred:
             for index, layer in enumerate(grouped):
                 self._hooks.append(layer.register_forward_pre_hook(functools.partial(self._await_update, index)))
@@ -164,7 +166,7 @@ class LayerwiseAdamW(torch.optim.AdamW):
     def _await_update(self, group_index: int, layer: nn.Module, args: tuple) -> None:
         pending = self._pending.pop(group_index, None)
         if pending is not None:
-            torch.cuda.current_stream().wait_event(pending)
+            torch.cuda.current_stream().wait_event(pending[0])
 
     def join(self) -> None:
         """Make the current stream wait for every queued update (before reading weights or optimizer state
@@ -190,14 +192,12 @@ class LayerwiseAdamW(torch.optim.AdamW):
             rest_done = torch.cuda.Event()
             rest_done.record()
             for index in range(self._layer_count):
-                self._update([self.param_groups[index]])
-                self._pending[index] = torch.cuda.Event()
-                self._pending[index].record()
+                group = self.param_groups[index]
+                self._update([group])
+                done = torch.cuda.Event()
+                done.record()
+                self._pending[index] = (done, [p.grad for p in group["params"] if p.grad is not None])
         main.wait_event(rest_done)
-        for group in self.param_groups:  # zero_grad frees them on the main stream while the side stream reads
-            for param in group["params"]:
-                if param.grad is not None:
-                    param.grad.record_stream(side)
 
     def step(self, closure: None = None) -> None:
         """Update what backward did not (embeddings, final norm, lm_head), then wait for the layer updates

@@ -305,7 +305,7 @@ def train(run: Run) -> tuple[float, float | None, list[float]]:
                     flags = torch.tensor([signum, int(save_due), *peaks], device=device)  # peaks: the fullest GPU's
                     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
                     signum, save_due, peaks = int(flags[0]), bool(flags[1]), flags[2:].tolist()
-                last_loss = float(loss)  # syncs the device: the step is done
+                last_loss = float(loss)  # waits for forward and backward (AdamW's layer updates may overlap the next forward)
                 elapsed = time.perf_counter() - start
                 speeds.append(real / elapsed)
                 if run.metrics is not None:
