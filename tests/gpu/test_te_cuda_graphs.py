@@ -171,20 +171,27 @@ def test_layerwise_adamw_trains_like_adamw(precision: str, graphs: bool, shared:
         assert loss_gap <= TRITON_LOSS_REL and param_gap <= TRITON_PARAM_REL_L2[family(precision)]
 
 
+def twin_graphed_models(arch: str, precision: str, graphs: bool = True, **capture
+                        ) -> tuple[nn.Module, nn.Module, list[dict]]:
+    """Two TE conversions of one random HF model, both captured as graphs (unless `graphs` is False), and packed
+    batches for them."""
+    hf = random_hf_model(arch, gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
+    first = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
+    second = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
+    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
+    most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
+    for model in (first, second) if graphs else ():
+        capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, **capture)
+    return first, second, batches
+
+
 @pytest.mark.parametrize(("graphs", "grad_accum", "max_norm"), [(True, 2, 1.0), (True, 1, 0.5), (False, 2, 0.0)])
 def test_updates_deferred_to_the_next_forward_train_bit_identically(graphs: bool, grad_accum: int, max_norm: float,
                                                                       record_metric) -> None:
     """LayerwiseAdamW after backward: updates queued on the side stream and awaited layer by layer in the next
     forward give the same training as the same kernel awaited at the end of step() (clipping, accumulation)."""
-    hf = random_hf_model("llama3.1-gqa-llama3-rope", gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
-    inline = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
-    deferred = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
-    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
-    if graphs:
-        most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
-        for model in (inline, deferred):
-            capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), "fp8-delayed",
-                                accumulate_grads=grad_accum > 1)
+    inline, deferred, batches = twin_graphed_models("llama3.1-gqa-llama3-rope", "fp8-delayed", graphs,
+                                                    accumulate_grads=grad_accum > 1)
     settings = {"layerwise": True, "kernel": "triton", "in_backward": False, "max_norm": max_norm}
     initial = [p.detach().clone() for p in inline.parameters()]
     want = train(inline, batches, "fp8-delayed", grad_accum, defer=False, **settings)
@@ -212,18 +219,6 @@ def test_deferred_updates_are_awaited_by_each_layers_next_forward() -> None:
     with torch.no_grad(), te_llama.autocast("bf16"):
         model(**inputs)
     assert not optimizer._pending
-
-
-def twin_graphed_models(arch: str, precision: str, **capture) -> tuple[nn.Module, nn.Module, list[dict]]:
-    """Two TE conversions of one random HF model, both captured as graphs, and packed batches for them."""
-    hf = random_hf_model(arch, gpu_size=True, device=DEVICE, dtype=torch.bfloat16)
-    first = te_llama.convert(copy.deepcopy(hf), backend="te", fuse_qkv=True).train()
-    second = te_llama.convert(hf, backend="te", fuse_qkv=True).train()
-    batches = packed_batches(hf.config.vocab_size, 2 * STEPS)
-    most_docs = max(int(b["cu_seq_lens_q"].numel()) - 1 for b in batches)
-    for model in (first, second):
-        capture_cuda_graphs(model, StaticShape(BUDGET, most_docs + 2, MAX_DOC), precision, **capture)
-    return first, second, batches
 
 
 @pytest.mark.parametrize("precision", ["fp8", "fp8-current"])
